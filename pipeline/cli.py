@@ -1,0 +1,190 @@
+"""`knn-defense` command line: run a job or one stage of it, import data, classify, status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+import yaml
+
+from pipeline import __version__
+from pipeline.config import ConfigError, load_job
+from pipeline.runtime.job import STAGES
+
+
+def _one_line_errors(fn):
+    """Known failures become one line on stderr (exit 2 for bad input, 1 for failed work)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.runtime.ray_runner import StageFailed
+        from pipeline.runtime.verify import VerifyFailed
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, FileNotFoundError) as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except (StageFailed, VerifyFailed) as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. evaluate.num_queries=200")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+_job_options = [
+    click.argument("job_yaml", type=click.Path(dir_okay=False)),
+    click.option("--address", default=None, help="Ray address; default: start a local Ray on 127.0.0.1."),
+    click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override a spec key, e.g. --set evaluate.num_queries=200 (repeatable)."),
+    click.option("--no-progress", is_flag=True, help="No progress bars."),
+]
+
+
+def job_options(fn):
+    for option in reversed(_job_options):
+        fn = option(fn)
+    return fn
+
+
+def _run(job_yaml, address, num_cpus, sets, no_progress, stages):
+    from pipeline.runtime.job import run_job
+
+    spec = load_job(job_yaml, _parse_sets(sets))
+    summary = run_job(spec, stages, address=address, num_cpus=num_cpus,
+                      progress=False if no_progress else None)
+    if summary.get("eval_markdown") and (stages is None or "evaluate" in stages):
+        click.echo("")
+        click.echo(summary["eval_markdown"])
+    click.echo(f"job {spec.name}: {summary['written']} images indexed, skipped {summary['skipped'] or 0}; "
+               f"outputs in {spec.output_dir} (stage seconds: {summary['stage_seconds']})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """kNN defense against adversarial images: build the database, query it, evaluate it."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@job_options
+@click.option("--stages", default=None, help=f"Comma-separated subset of: {','.join(STAGES)}.")
+@_one_line_errors
+def run(job_yaml, address, num_cpus, sets, no_progress, stages):
+    """Run a job (all stages, or --stages) described by JOB_YAML."""
+    wanted = [s.strip() for s in stages.split(",")] if stages else None
+    _run(job_yaml, address, num_cpus, sets, no_progress, wanted)
+
+
+def _stage_command(stage: str):
+    @job_options
+    @_one_line_errors
+    def command(job_yaml, address, num_cpus, sets, no_progress):
+        _run(job_yaml, address, num_cpus, sets, no_progress, [stage])
+
+    command.__doc__ = f"Run the {stage} stage of a job (and re-enter the stages it reads)."
+    return main.command(name=stage)(command)
+
+
+for _stage in STAGES:
+    if _stage != "import":
+        _stage_command(_stage)
+
+
+@main.command("import-fashion-mnist")
+@click.option("--source-dir", default=None, help="Folder with the idx files (default: the Debian package's).")
+@click.option("--out-dir", default="data/fashion-mnist", show_default=True)
+@click.option("--samples-per-shard", default=4000, show_default=True)
+@click.option("--limit", type=int, default=None, help="Images per split (smoke tests).")
+@_one_line_errors
+def import_fashion_mnist_cmd(source_dir, out_dir, samples_per_shard, limit):
+    """Write Fashion-MNIST as webdataset shards (img2dataset layout) under OUT_DIR/{train,test}."""
+    from pipeline.config import FashionMnistImport
+    from pipeline.data.fashion_mnist import import_fashion_mnist, missing_files
+
+    spec = FashionMnistImport(out_dir=out_dir, samples_per_shard=samples_per_shard, limit=limit,
+                              **({"source_dir": source_dir} if source_dir else {}))
+    if missing_files(spec.source_dir):
+        raise ConfigError(f"{spec.source_dir}: lacks {missing_files(spec.source_dir)[0]}; install "
+                          "dataset-fashion-mnist or pass --source-dir")
+    folders = import_fashion_mnist(spec.source_dir, spec.out_dir, spec.samples_per_shard, spec.limit)
+    for split, folder in folders.items():
+        click.echo(f"{split}: {len(list(folder.glob('*.tar')))} shards in {folder}")
+
+
+@main.command()
+@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False),
+              help="A finished job folder.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--layer", default=None, help="Feature layer (default: the job's last).")
+@click.option("--weighting", type=click.Choice(["uw", "cbw_e", "cbw_d"]), default="cbw_d", show_default=True)
+@click.option("-k", "--k", type=int, default=None, help="Neighbours (default: the job's evaluate.k).")
+@click.option("--neighbours", "show_neighbours", is_flag=True, help="Print the nearest neighbours too.")
+@_one_line_errors
+def classify(job_dir, images, layer, weighting, k, show_neighbours):
+    """Classify image files with the kNN defense of a finished job."""
+    import numpy as np
+
+    from pipeline.data.shards import decode_image
+    from pipeline.defense.classifier import DefendedClassifier
+
+    overrides = {"weighting": weighting, **({"layer": layer} if layer else {}), **({"k": k} if k else {})}
+    defense = DefendedClassifier.from_job(job_dir, **overrides)
+    size = defense.model.input_size
+    arrays = []
+    for path in images:
+        try:
+            with open(path, "rb") as f:
+                arrays.append(decode_image(f.read(), 89_478_485, defense.model.in_channels, size))
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"{path}: not a readable image ({err})") from None
+    labels, scores, neigh = defense.predict(np.stack(arrays), return_neighbours=True)
+    undefended = defense.neighbours_all_layers(np.stack(arrays), [defense.layer], 1)[0].argmax(1)
+    for j, path in enumerate(images):
+        top = np.argsort(-scores[j])[:3]
+        tops = ", ".join(f"{c}:{scores[j, c]:.3f}" for c in top)
+        click.echo(f"{path}\tlabel={labels[j]}\tundefended={undefended[j]}\ttop=[{tops}]")
+        if show_neighbours:
+            for d, i in zip(neigh.distances[j][:10], neigh.ids[j][:10], strict=True):
+                click.echo(f"    id={i} dist={d:.4f}")
+    defense.store.close()
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(file_okay=False))
+@_one_line_errors
+def status(job_dir):
+    """Per-stage unit states of a job folder, and the failures."""
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.manifest import Manifest
+
+    layout = JobLayout(job_dir)
+    if not layout.manifest.is_file():
+        raise FileNotFoundError(f"{job_dir}: no manifest; is it a job folder?")
+    manifest = Manifest(layout.manifest)
+    stages = [r[0] for r in manifest._db.execute("SELECT DISTINCT stage FROM units ORDER BY rowid")]
+    for stage in stages:
+        click.echo(f"{stage:24s} " + " ".join(f"{k}={v}" for k, v in sorted(manifest.counts(stage).items())))
+    for stage, unit, error in manifest.failures():
+        click.echo(f"FAILED {stage}/{unit}: {(error or '').splitlines()[-1] if error else ''}")
+    manifest.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Typed job spec (YAML) with validation that fails before any work, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "KNN_DEFENSE_FASHION_MNIST_DIR"
+
+
+class ConfigError(ValueError):
+    """A job spec problem, reported as one line naming the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FashionMnistImport(_Strict):
+    """Import Fashion-MNIST idx files into webdataset shards (img2dataset layout)."""
+
+    source_dir: str = Field(
+        default_factory=lambda: os.environ.get(FASHION_MNIST_ENV, DEFAULT_FASHION_MNIST_DIR),
+        description="folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    )
+    out_dir: str = "data/fashion-mnist"
+    samples_per_shard: Annotated[int, Field(gt=0, le=1 << 24)] = 4000
+    limit: Annotated[int, Field(gt=0)] | None = None  # images per split, for smoke tests
+    image_format: Literal["png", "jpg"] = "png"
+
+
+class DataSpec(_Strict):
+    fashion_mnist: FashionMnistImport | None = None
+    # Shards: a folder, glob, brace pattern {00000..00009} or list; default: the import's output.
+    database: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    max_image_pixels: Annotated[int, Field(gt=0)] = 89_478_485  # PIL's decompression-bomb limit
+
+    @model_validator(mode="after")
+    def _sources(self):
+        for key, split in (("database", "train"), ("queries", "test")):
+            if getattr(self, key) is None:
+                if self.fashion_mnist is None:
+                    raise ValueError(f"data.{key} is required (or data.fashion_mnist to import one)")
+                setattr(self, key, f"{self.fashion_mnist.out_dir}/{split}")
+        return self
+
+
+class ModelSpec(_Strict):
+    arch: Literal["small_resnet"] = "small_resnet"
+    num_classes: Annotated[int, Field(ge=2)] = 10
+    in_channels: Literal[1, 3] = 1
+    widths: list[Annotated[int, Field(gt=0)]] = [32, 64, 128]
+    blocks: list[Annotated[int, Field(gt=0)]] = [2, 2, 2]
+    mean: list[float] = [0.2860]
+    std: list[float] = [0.3530]
+    weights: str | None = None  # a state_dict file; None = train it with the train stage
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if len(self.widths) != len(self.blocks):
+            raise ValueError("widths and blocks must have the same length (one entry per stage)")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError("mean and std need one value per input channel")
+        return self
+
+
+class TrainSpec(_Strict):
+    epochs: Annotated[int, Field(gt=0)] = 3
+    batch_size: Annotated[int, Field(gt=0)] = 128
+    lr: Annotated[float, Field(gt=0)] = 0.2
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    hflip: bool = True
+    seed: int = 0
+
+
+class FeaturesSpec(_Strict):
+    layers: list[str] = ["conv_2_2", "conv_3_2", "conv_4_1", "conv_4_2"]
+    pooling: Literal["avg"] = "avg"
+    pca_dim: Annotated[int, Field(gt=0)] = 256
+    pca_sample: Annotated[int, Field(gt=0)] = 10_000
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: Annotated[int, Field(gt=0)] = 512
+
+    @model_validator(mode="after")
+    def _layers(self):
+        if not self.layers:
+            raise ValueError("layers must name at least one tap")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must not repeat")
+        return self
+
+
+class IndexSpec(_Strict):
+    factory: str = "IVF256,Flat"  # FAISS index_factory string; "Flat" for exact search
+    train_sample: Annotated[int, Field(gt=0)] = 20_000
+    nprobe: Annotated[int, Field(gt=0)] = 32
+    metric: Literal["l2"] = "l2"
+
+
+class StoreSpec(_Strict):
+    partitions: Annotated[int, Field(gt=0, le=4096)] = 2
+    encoding: Literal["float16"] = "float16"
+
+
+class PgdAttack(_Strict):
+    """L2 PGD under a per-image normalised budget ||x* - x|| / ||x|| <= budget, pixels in [0,1]."""
+
+    name: Literal["pgd"] = "pgd"
+    threat: Literal["gray_box"] = "gray_box"  # attack the undefended classifier
+    budget: Annotated[float, Field(gt=0)] = 0.06
+    steps: Annotated[int, Field(gt=0)] = 10
+    step_size: Annotated[float, Field(gt=0)] | None = None  # relative to the budget; None = 2.5/steps
+    random_start: bool = False
+    batch_size: Annotated[int, Field(gt=0)] = 250
+
+
+AttackSpec = Annotated[PgdAttack, Field(discriminator="name")]
+
+
+class CbwDSpec(_Strict):
+    m: Annotated[int, Field(gt=0)] = 20
+    p: Annotated[float, Field(gt=0)] = 3.0
+
+
+class EvaluateSpec(_Strict):
+    num_queries: Annotated[int, Field(gt=0)] | None = 1000  # None = every query image
+    seed: int = 0
+    k: Annotated[int, Field(gt=0)] = 50
+    weightings: list[Literal["uw", "cbw_e", "cbw_d"]] = ["uw", "cbw_e", "cbw_d"]
+    cbw_d: CbwDSpec = CbwDSpec()
+    attacks: list[AttackSpec] = [PgdAttack()]
+
+
+class RuntimeSpec(_Strict):
+    address: str | None = None  # Ray address; None = start a local Ray ("local")
+    num_cpus: Annotated[int, Field(gt=0)] | None = None  # local Ray only
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    progress: bool = True
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    data: DataSpec
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    features: FeaturesSpec = FeaturesSpec()
+    index: IndexSpec = IndexSpec()
+    store: StoreSpec = StoreSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+        return self
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key '{loc}': remove it or fix its spelling"
+    elif first["type"] == "missing":
+        msg = f"missing required key '{loc}'"
+    else:
+        msg = f"bad value for '{loc}': {first['msg']}" if loc else first["msg"]
+    more = len(err.errors()) - 1
+    return f"{source}: {msg}" + (f" (and {more} more problem(s))" if more else "")
+
+
+def parse_job(raw: dict, source: str = "<job>") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job spec must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_job(path: str | os.PathLike, overrides: dict | None = None) -> JobSpec:
+    """Read, validate and check a job spec; raises ConfigError (one line) before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: job spec not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    spec = parse_job(raw, str(path))
+    check_paths(spec, str(path))
+    return spec
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def check_paths(spec: JobSpec, source: str) -> None:
+    """Data paths must exist now, not halfway through the job."""
+    from pipeline.data.shards import expand_shards
+
+    fm = spec.data.fashion_mnist
+    if fm is not None:
+        from pipeline.data.fashion_mnist import missing_files
+
+        missing = missing_files(fm.source_dir)
+        if missing:
+            raise ConfigError(
+                f"{source}: data.fashion_mnist.source_dir {fm.source_dir!r} lacks {missing[0]}; "
+                f"install the Debian package dataset-fashion-mnist or set it (or ${FASHION_MNIST_ENV}) "
+                "to a folder with the idx files"
+            )
+        return  # database/queries are written by the import step
+    for key in ("database", "queries"):
+        try:
+            urls = expand_shards(getattr(spec.data, key))
+        except FileNotFoundError as err:
+            raise ConfigError(f"{source}: data.{key}: {err}") from None
+        if not urls:
+            raise ConfigError(f"{source}: data.{key} matches no .tar shard")
+    if spec.model.weights is not None and not Path(spec.model.weights).is_file():
+        raise ConfigError(f"{source}: model.weights {spec.model.weights!r} not found")

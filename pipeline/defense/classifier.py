@@ -1,0 +1,94 @@
+"""DefendedClassifier: image -> features -> K nearest neighbours -> their stored softmax -> vote."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.defense.weighting import predict as weighted_vote
+from pipeline.features.backbones import images_to_tensor
+from pipeline.features.extract import forward_features, project_features
+from pipeline.index.faiss_index import search
+
+
+@dataclass
+class Neighbours:
+    distances: np.ndarray  # [N, K] squared L2
+    ids: np.ndarray  # [N, K] int64, -1 = no result
+    softmax: np.ndarray  # [N, K, C]
+    found: np.ndarray  # [N, K] bool
+
+
+class DefendedClassifier:
+    """kNN defense around a classifier.
+
+    ``predict`` returns the weighted vote of the K nearest database images' stored softmax
+    vectors; ``neighbours_all_layers`` gives the undefended logits and every layer's neighbours
+    from one forward pass, for evaluation grids and attacks that need them.
+    """
+
+    def __init__(self, model, transforms: dict, indexes: dict, store, *, layer: str | None = None,
+                 weighting: str = "cbw_d", k: int = 50, pooling: str = "avg",
+                 feature_dtype: str = "float16", nprobe: int | None = None,
+                 cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256):
+        self.model = model.eval()
+        self.transforms, self.indexes, self.store = transforms, indexes, store
+        self.layers = list(indexes)
+        self.layer = layer or self.layers[-1]
+        self.weighting, self.k, self.pooling = weighting, k, pooling
+        self.feature_dtype, self.nprobe = feature_dtype, nprobe
+        self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
+
+    @classmethod
+    def from_job(cls, job_dir: str | os.PathLike, **overrides) -> DefendedClassifier:
+        """Load a finished job folder (checks that its recorded hashes agree)."""
+        from pipeline.runtime.artifacts import load_defense_parts
+
+        parts = load_defense_parts(job_dir)
+        spec = parts.pop("spec")
+        kwargs = dict(k=spec.evaluate.k, pooling=spec.features.pooling,
+                      feature_dtype=spec.features.dtype, nprobe=spec.index.nprobe,
+                      cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p)
+        kwargs.update(overrides)
+        return cls(**parts, **kwargs)
+
+    def _as_tensor(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            return images
+        return images_to_tensor(images)
+
+    def neighbours_all_layers(self, images, layers=None, k: int | None = None
+                              ) -> tuple[np.ndarray, dict[str, Neighbours]]:
+        """Undefended logits-softmax [N, C] and neighbours per layer, batched."""
+        layers = list(layers or self.layers)
+        k = k or self.k
+        x = self._as_tensor(images)
+        probs, found = [], {name: [] for name in layers}
+        for start in range(0, len(x), self.batch_size):
+            pooled, softmax = forward_features(self.model, x[start:start + self.batch_size], layers,
+                                               self.pooling)
+            probs.append(softmax)
+            for name, feats in project_features(pooled, self.transforms, self.feature_dtype).items():
+                dist, ids = search(self.indexes[name], feats, k, self.nprobe)
+                neigh_softmax, ok = self.store.get_many(ids)
+                found[name].append(Neighbours(dist, ids, neigh_softmax, ok))
+        merged = {name: Neighbours(*(np.concatenate([getattr(n, f) for n in parts])
+                                     for f in ("distances", "ids", "softmax", "found")))
+                  for name, parts in found.items()}
+        return np.concatenate(probs), merged
+
+    def vote(self, neighbours: Neighbours, weighting: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        return weighted_vote(neighbours.softmax, weighting or self.weighting, neighbours.found,
+                             self.cbw_d_m, self.cbw_d_p)
+
+    def predict(self, images, layer: str | None = None, weighting: str | None = None,
+                return_neighbours: bool = False):
+        """(labels [N], scores [N, C]) and, on request, the neighbours used."""
+        layer = layer or self.layer
+        _, by_layer = self.neighbours_all_layers(images, [layer])
+        labels, scores = self.vote(by_layer[layer], weighting)
+        return (labels, scores, by_layer[layer]) if return_neighbours else (labels, scores)

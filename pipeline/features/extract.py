@@ -1,0 +1,103 @@
+"""Pooled pre-ReLU features + softmax in one forward pass, and per-shard Parquet files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import __version__
+from pipeline.data.shards import ShardStats, iter_samples
+from pipeline.features.backbones import images_to_tensor, pool
+from pipeline.ids import make_ids
+
+META_KEY = b"knn_defense"
+
+
+@torch.inference_mode()
+def forward_features(model, x01: torch.Tensor, layers, pooling: str = "avg"
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled taps (float32) and softmax (float32) of a batch of [0, 1] images."""
+    logits, taps = model.forward_taps(x01, layers)
+    pooled = {name: pool(t, pooling).float().cpu().numpy() for name, t in taps.items()}
+    return pooled, torch.softmax(logits.float(), 1).cpu().numpy()
+
+
+def project_features(pooled: dict[str, np.ndarray], transforms: dict, dtype: str) -> dict[str, np.ndarray]:
+    """PCA each layer, rounded to the storage dtype (queries get exactly the database's rounding)."""
+    return {name: transforms[name].apply(v).astype(dtype).astype(np.float32)
+            for name, v in pooled.items()}
+
+
+def batches(samples: Iterator, batch_size: int) -> Iterator[list]:
+    batch = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _fixed_list(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1).astype(dtype))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
+                  *, layers, pooling: str, dtype: str, batch_size: int, channels: int,
+                  size: int | None, max_pixels: int, provenance: dict,
+                  num_threads: int | None = None) -> dict:
+    """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard.
+    Written to a temp name and renamed, so a crash leaves no half-written file."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    stats = ShardStats()
+    keys, labels, feats, probs = [], [], {name: [] for name in layers}, []
+    samples = iter_samples(shard_url, stats, channels=channels, size=size, max_pixels=max_pixels)
+    for batch in batches(samples, batch_size):
+        x = images_to_tensor(np.stack([s.image for s in batch]))
+        pooled, softmax = forward_features(model, x, layers, pooling)
+        for name, v in project_features(pooled, transforms, dtype).items():
+            feats[name].append(v)
+        probs.append(softmax)
+        keys += [s.key for s in batch]
+        labels += [-1 if s.label is None else s.label for s in batch]
+    ids = make_ids(shard_index, np.arange(len(keys)))
+    columns = {"key": pa.array(keys, pa.string()), "id": pa.array(ids, pa.int64()),
+               "label": pa.array(labels, pa.int32())}
+    num_classes = model.num_classes
+    for name in layers:
+        dim = transforms[name].dim
+        v = np.concatenate(feats[name]) if feats[name] else np.zeros((0, dim), np.float32)
+        columns[name] = _fixed_list(v, dtype)
+    p = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
+    columns["softmax"] = _fixed_list(p, np.float16)
+    meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
+                pooling=pooling, code_version=__version__, stats=stats.as_dict())
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_path)
+    return {"shard_index": shard_index, "written": len(keys), **stats.as_dict()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    return json.loads(pq.read_schema(path).metadata[META_KEY])
+
+
+def read_column(path: str | os.PathLike, column: str) -> np.ndarray:
+    """A fixed-size-list column as a [N, d] float32 array (or a plain column as 1-D)."""
+    col = pq.read_table(path, columns=[column]).column(column).combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32)
+    return col.to_numpy(zero_copy_only=False)

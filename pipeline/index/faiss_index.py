@@ -1,0 +1,115 @@
+"""FAISS index per layer: train once on a sample, populate one part per feature shard, merge.
+
+Parts are empty copies of the trained index filled with one shard's vectors and their
+invertible ids (pipeline.ids), so populating is embarrassingly parallel and retryable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+def num_gpus() -> int:
+    """GPUs FAISS can use here (0 with faiss-cpu, or faiss-gpu on a machine without GPUs)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """An index from a factory string; flat indexes get an id map so they keep our ids."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    if not isinstance(index, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def train_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
+    """Train (k-means for IVF, codebooks for PQ/SQ) on a sample; uses GPUs when present."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = new_index(vectors.shape[1], factory)
+    ivf = faiss.extract_index_ivf(index) if _has_ivf(index) else None
+    if ivf is not None:
+        nlist = ivf.nlist
+        if len(vectors) < nlist:
+            raise ValueError(f"index factory {factory!r} needs at least {nlist} training vectors, "
+                             f"got {len(vectors)}: lower nlist or raise index.train_sample")
+        ivf.cp.seed = seed
+        if num_gpus() > 0:  # k-means on GPU, the index itself stays a CPU index
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(vectors.shape[1]))
+    if not index.is_trained:
+        index.train(vectors)
+    return index
+
+
+def _has_ivf(index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Atomic write (temp name + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def populate_part(trained_path: str | os.PathLike, vectors: np.ndarray, ids: np.ndarray,
+                  out_path: str | os.PathLike) -> int:
+    """Add one shard's vectors with their ids to an empty copy of the trained index."""
+    index = faiss.read_index(str(trained_path))
+    if index.ntotal:
+        raise ValueError(f"{trained_path}: trained index is not empty ({index.ntotal} vectors)")
+    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+    write_index(index, out_path)
+    return index.ntotal
+
+
+def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str | os.PathLike) -> int:
+    """Merge populated parts into one index (IVF: inverted lists are concatenated)."""
+    merged = faiss.read_index(str(trained_path))
+    for part in part_paths:
+        merged.merge_from(faiss.read_index(str(part)), 0)
+    write_index(merged, out_path)
+    return merged.ntotal
+
+
+def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Index:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: index not found; run the index stage")
+    index = faiss.read_index(str(path))
+    set_nprobe(index, nprobe)
+    return index
+
+
+def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+    if nprobe is not None and _has_ivf(index):
+        faiss.extract_index_ivf(index).nprobe = nprobe
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances [N, k], ids [N, k]); id -1 where fewer than k results exist."""
+    set_nprobe(index, nprobe)
+    return index.search(np.ascontiguousarray(queries, np.float32), k)
+
+
+def all_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in the index (for verification), in no particular order."""
+    if _has_ivf(index):
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
+        out = []
+        for lst in range(ivf.nlist):
+            n = invlists.list_size(lst)
+            if n:
+                out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)

@@ -1,0 +1,63 @@
+"""Paths inside a job folder (DESIGN.md's layout), in one place."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class JobLayout:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    job_yaml = property(lambda self: self.root / "job.yaml")
+    manifest = property(lambda self: self.root / "manifest" / "manifest.sqlite")
+    shards_table = property(lambda self: self.root / "shards.parquet")
+    model_dir = property(lambda self: self.root / "model")
+    model_info = property(lambda self: self.root / "model" / "model.json")
+    transforms_dir = property(lambda self: self.root / "transforms")
+    transforms_info = property(lambda self: self.root / "transforms" / "transforms.json")
+    features_dir = property(lambda self: self.root / "features")
+    index_root = property(lambda self: self.root / "index")
+    store_dir = property(lambda self: self.root / "store")
+    store_info = property(lambda self: self.root / "store" / "store.json")
+    eval_dir = property(lambda self: self.root / "eval")
+    summary = property(lambda self: self.root / "summary.json")
+
+    def features_file(self, shard_index: int) -> Path:
+        return self.features_dir / f"{shard_index:05d}.parquet"
+
+    def transform_file(self, layer: str) -> Path:
+        return self.transforms_dir / f"{layer}.npz"
+
+    def index_dir(self, layer: str) -> Path:
+        return self.index_root / layer
+
+    def trained_index(self, layer: str) -> Path:
+        return self.index_dir(layer) / "trained.faiss"
+
+    def index_part(self, layer: str, shard_index: int) -> Path:
+        return self.index_dir(layer) / "parts" / f"{shard_index:05d}.faiss"
+
+    def merged_index(self, layer: str) -> Path:
+        return self.index_dir(layer) / "index.faiss"
+
+    def index_info(self, layer: str) -> Path:
+        return self.index_dir(layer) / "index.json"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic JSON write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing{' (' + what + ')' if what else ''}")
+    return json.loads(path.read_text())

@@ -1,0 +1,285 @@
+"""The job runner: stages in order, each a set of Ray tasks recorded in the manifest.
+
+A stage's units are skipped when already done with the same fingerprint (hash of the settings
+and upstream outputs they depend on), so re-running a job redoes only what changed or failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline import __version__
+from pipeline.config import ConfigError, JobSpec
+from pipeline.data.shards import expand_shards
+from pipeline.features.backbones import file_sha256
+from pipeline.ids import MAX_SHARDS, partition_of_shard
+from pipeline.layout import JobLayout, read_json, write_json
+from pipeline.runtime import tasks
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.ray_runner import Unit, cluster_resources, ray_session, run_units
+
+log = logging.getLogger(__name__)
+
+STAGES = ["import", "shards", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class JobRun:
+    spec: JobSpec
+    layout: JobLayout
+    manifest: Manifest
+    progress: bool = True
+    cpus: int = 1
+    gpus: int = 0
+    state: dict = field(default_factory=dict)  # fingerprints and paths passed between stages
+    times: dict = field(default_factory=dict)
+
+    @property
+    def retries(self) -> int:
+        return self.spec.runtime.max_retries
+
+    def run(self, stage: str, units: list[Unit], fp: str, **options) -> dict:
+        options.setdefault("max_retries", self.retries)
+        return run_units(self.manifest, stage, units, fp, progress=self.progress, **options)
+
+    def single(self, stage: str, fn, fp: str, *args, num_cpus: float = 1, num_gpus: float = 0,
+               **kwargs) -> dict | None:
+        """One task; returns its result, or None when already done with this fingerprint."""
+        out = self.run(stage, [Unit(stage, fn, args, kwargs)], fp, num_cpus=num_cpus, num_gpus=num_gpus)
+        return out.get(stage)
+
+    @property
+    def task_cpus(self) -> int:
+        """CPUs for a single big task (training, evaluation): the whole local machine, at most 8."""
+        return max(1, min(self.cpus, 8))
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def stage_import(run: JobRun) -> None:
+    fm = run.spec.data.fashion_mnist
+    if fm is None:
+        return
+    from pipeline.data.fashion_mnist import import_fashion_mnist
+
+    t = time.time()
+    import_fashion_mnist(fm.source_dir, fm.out_dir, fm.samples_per_shard, fm.limit, fm.image_format)
+    log.info("fashion-mnist shards ready in %s (%.1fs)", fm.out_dir, time.time() - t)
+
+
+def stage_shards(run: JobRun) -> None:
+    """The shard table (shard_index, url, num_keys, num_samples), fixed once written."""
+    urls = expand_shards(run.spec.data.database)
+    if not urls:
+        raise ConfigError(f"data.database {run.spec.data.database!r} matches no .tar shard")
+    if len(urls) > MAX_SHARDS:
+        raise ConfigError(f"{len(urls)} shards exceed the id scheme's {MAX_SHARDS}")
+    path = run.layout.shards_table
+    if path.is_file():
+        table = pq.read_table(path).to_pylist()
+        if [r["url"] for r in table] != urls:
+            raise ConfigError(f"{path}: the job's shard list changed since it was written; "
+                              "use a new output_dir for different data")
+    else:
+        fp = fingerprint(urls)
+        run.run("shards", [Unit(f"{i:05d}", tasks.scan_task, (u,)) for i, u in enumerate(urls)], fp,
+                desc="scan shards")
+        counts = dict(run.manifest.unit_counts("shards"))
+        table = [{"shard_index": i, "url": u, "num_keys": counts[f"{i:05d}"]["num_keys"],
+                  "num_samples": counts[f"{i:05d}"]["num_samples"]} for i, u in enumerate(urls)]
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(table), tmp)
+        tmp.replace(path)
+    run.state["shards"] = table
+
+
+def stage_train(run: JobRun) -> None:
+    spec, layout = run.spec, run.layout
+    if spec.model.weights is not None:
+        path, fp = spec.model.weights, None
+    else:
+        digests = [file_sha256(s["url"]) if "://" not in s["url"] else s["url"]
+                   for s in run.state["shards"]]
+        from pipeline.train.classifier import training_hash
+
+        fp = training_hash(spec.model, spec.train, digests)
+        path = str(layout.model_dir / f"classifier-{fp}.pt")
+        result = run.single("train", tasks.train_task, fp, spec.model_dump(),
+                            [s["url"] for s in run.state["shards"]], path, run.task_cpus,
+                            num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
+        if result is None and not layout.model_info.is_file():
+            raise RuntimeError(f"{layout.manifest}: train marked done but {layout.model_info} missing")
+        if result is not None:
+            write_json(layout.model_info, {"path": path, "sha256": file_sha256(path),
+                                           "training_hash": fp, "history": result["history"],
+                                           "train_seconds": result["seconds"]})
+    if spec.model.weights is not None:
+        write_json(layout.model_info, {"path": path, "sha256": file_sha256(path), "training_hash": None})
+    info = read_json(layout.model_info)
+    run.state.update(weights=info["path"], weights_sha256=info["sha256"])
+
+
+def stage_transforms(run: JobRun) -> None:
+    spec, layout = run.spec, run.layout
+    fs = spec.features
+    fp = fingerprint(run.state["weights_sha256"], fs.layers, fs.pooling, fs.pca_dim, fs.pca_sample,
+                     [s["url"] for s in run.state["shards"]])
+    result = run.single("transforms", tasks.fit_transforms_task, fp, spec.model_dump(),
+                        run.state["shards"], run.state["weights"], str(layout.transforms_dir),
+                        run.task_cpus, num_cpus=run.task_cpus)
+    if result is not None:
+        write_json(layout.transforms_info, {"weights_sha256": run.state["weights_sha256"],
+                                            "files": result["files"], "fingerprint": fp,
+                                            "sample_size": result["sample_size"]})
+    info = read_json(layout.transforms_info)
+    run.state.update(transform_sha256=info["files"], transforms_fp=fp)
+
+
+def stage_features(run: JobRun) -> None:
+    spec, layout = run.spec, run.layout
+    fs = spec.features
+    fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"], fs.dtype,
+                     spec.data.max_image_pixels, __version__)
+    provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
+                  "transform_sha256": run.state["transform_sha256"], "dtype": fs.dtype}
+    units = [Unit(f"{s['shard_index']:05d}", tasks.features_task,
+                  (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
+                   str(layout.root), provenance)) for s in run.state["shards"]]
+    run.run("features", units, fp, desc="features", num_gpus=1 if run.gpus else 0)
+    run.state["features_fp"] = fp
+
+
+def stage_index(run: JobRun) -> None:
+    spec, layout = run.spec, run.layout
+    shards = run.state["shards"]
+    files = [str(layout.features_file(s["shard_index"])) for s in shards]
+    fps = {layer: fingerprint(run.state["features_fp"], spec.index.model_dump(), layer)
+           for layer in spec.features.layers}
+    for layer in spec.features.layers:
+        run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
+                   spec.index.factory, spec.index.train_sample, spec.seed,
+                   str(layout.trained_index(layer)), num_cpus=run.task_cpus)
+    units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
+                  (layer, str(layout.trained_index(layer)), files[j],
+                   str(layout.index_part(layer, s["shard_index"]))))
+             for layer in spec.features.layers for j, s in enumerate(shards)]
+    # One fingerprint per stage: combine the layers' ones (each unit names its layer).
+    run.run("index.populate", units, fingerprint(fps), desc="index populate")
+    for layer in spec.features.layers:
+        parts = [str(layout.index_part(layer, s["shard_index"])) for s in shards]
+        result = run.single(f"index.merge.{layer}", tasks.merge_task, fps[layer],
+                            str(layout.trained_index(layer)), parts, str(layout.merged_index(layer)))
+        if result is not None:
+            write_json(layout.index_info(layer), {
+                "factory": spec.index.factory, "nprobe": spec.index.nprobe, "ntotal": result["ntotal"],
+                "transform_sha256": run.state["transform_sha256"][layer],
+                "weights_sha256": run.state["weights_sha256"], "fingerprint": fps[layer]})
+
+
+def stage_store(run: JobRun) -> None:
+    spec, layout = run.spec, run.layout
+    num_parts = spec.store.partitions
+    fp = fingerprint(run.state["features_fp"], spec.store.model_dump())
+    groups: dict[int, list[str]] = {p: [] for p in range(num_parts)}
+    for s in run.state["shards"]:
+        groups[partition_of_shard(s["shard_index"], num_parts)].append(
+            str(layout.features_file(s["shard_index"])))
+    units = [Unit(f"part-{p:03d}", tasks.store_task, (str(layout.store_dir), p, files))
+             for p, files in groups.items()]
+    results = run.run("store", units, fp, desc="store")
+    if results or not layout.store_info.is_file():
+        counts = dict(run.manifest.unit_counts("store"))
+        write_json(layout.store_info, {"partitions": num_parts, "encoding": spec.store.encoding,
+                                       "count": sum(c["written"] for c in counts.values()),
+                                       "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
+    run.state["store_fp"] = fp
+
+
+def stage_verify(run: JobRun) -> None:
+    from pipeline.runtime.verify import verify_job
+
+    fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), run.spec.index.model_dump())
+    result = run.single("verify", verify_job, fp, str(run.layout.root), run.state["shards"],
+                        run.spec.features.layers, run.spec.store.partitions)
+    if result is not None:
+        run.state["verify"] = result
+
+
+def stage_evaluate(run: JobRun) -> None:
+    spec = run.spec
+    fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), spec.index.model_dump(),
+                     spec.evaluate.model_dump(), expand_shards(spec.data.queries))
+    result = run.single("evaluate", tasks.evaluate_task, fp, str(run.layout.root), run.task_cpus,
+                        run.progress, num_cpus=run.task_cpus)
+    results_md = run.layout.eval_dir / "results.md"
+    run.state["eval_markdown"] = result["markdown"] if result else results_md.read_text()
+
+
+STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
+# Stages whose state later stages read; they are cheap to re-enter (their units are cached).
+_PREREQS = ["shards", "train", "transforms", "features", "store"]
+
+
+def write_resolved_spec(spec: JobSpec, layout: JobLayout) -> None:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    raw = spec.model_dump(mode="json")
+    raw["code_version"] = __version__
+    tmp = layout.job_yaml.with_name("job.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    tmp.replace(layout.job_yaml)
+
+
+def run_job(spec: JobSpec, stages: list[str] | None = None, *, address: str | None = None,
+            num_cpus: int | None = None, progress: bool | None = None) -> dict:
+    """Run ``stages`` (default: all) of a validated job; returns the summary written to
+    ``summary.json``. Stages before the requested ones are re-entered to restore their outputs'
+    fingerprints; their finished units are not re-run."""
+    wanted = stages or STAGES
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    last = max(STAGES.index(s) for s in wanted)
+    to_run = [s for s in STAGES[: last + 1] if s in wanted or s in _PREREQS]
+    layout = JobLayout(spec.output_dir)
+    write_resolved_spec(spec, layout)
+    manifest = Manifest(layout.manifest)
+    progress = spec.runtime.progress if progress is None else progress
+    try:
+        with ray_session(address or spec.runtime.address, num_cpus or spec.runtime.num_cpus):
+            cpus, gpus = cluster_resources()
+            run = JobRun(spec, layout, manifest, progress, cpus, gpus)
+            for stage in to_run:
+                t = time.time()
+                STAGE_FUNCS[stage](run)
+                run.times[stage] = round(time.time() - t, 2)
+        summary = build_summary(run)
+        write_json(layout.summary, summary)
+        return {**summary, "eval_markdown": run.state.get("eval_markdown")}
+    finally:
+        manifest.close()
+
+
+def build_summary(run: JobRun) -> dict:
+    skipped: dict[str, int] = {}
+    written = read = 0
+    for _, counts in run.manifest.unit_counts("features"):
+        read += counts.get("read", 0)
+        written += counts.get("written", 0)
+        for reason, n in counts.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"job": run.spec.name, "code_version": __version__, "stage_seconds": run.times,
+            "shards": len(run.state.get("shards", [])), "keys_read": read, "written": written,
+            "skipped": skipped, "verify": run.state.get("verify"),
+            "cluster": {"cpus": run.cpus, "gpus": run.gpus}}
