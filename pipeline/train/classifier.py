@@ -65,7 +65,7 @@ def train_classifier(model_spec, train_spec, images: np.ndarray, labels: np.ndar
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(y)
+            total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if time.time() - last_log > log_every:

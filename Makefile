@@ -1,0 +1,58 @@
+# knn-defense: `make demo` runs the whole pipeline on Fashion-MNIST, `make test` runs the tests.
+# Both set up what they need first (a virtualenv in .venv, the Fashion-MNIST Debian package).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,dev
+FASHION_MNIST_DIR ?= $(or $(KNN_DEFENSE_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
+PYTEST_ARGS ?=
+
+# Local Ray binds 127.0.0.1 only; glibc allocator settings that avoid page-fault storms in torch.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 100000000000
+export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
+
+.PHONY: help setup data demo test test-fast lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+setup: $(BIN)/.installed data  ## create .venv and install knn-defense[cpu,dev] and the demo data
+
+data:  ## install Fashion-MNIST (Debian package dataset-fashion-mnist) unless it is already there
+	@if [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte" ]; then \
+		exit 0; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "installing dataset-fashion-mnist with apt-get"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST not found in $(FASHION_MNIST_DIR) and no apt-get: download the four idx files and run with FASHION_MNIST_DIR=/their/folder" >&2; \
+		exit 1; \
+	fi
+
+demo: setup  ## run jobs/demo.yaml end to end and print the accuracy table
+	$(BIN)/knn-defense run jobs/demo.yaml
+
+test: setup  ## run the whole test suite (unit + end-to-end through Ray)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup  ## the tests without the slow end-to-end ones
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup  ## ruff
+	$(BIN)/ruff check pipeline tests benchmarks
+
+bench: setup  ## benchmarks writing JSON under benchmarks/results/
+	$(BIN)/python benchmarks/extraction.py
+
+clean:  ## remove demo outputs (keeps .venv)
+	rm -rf runs data

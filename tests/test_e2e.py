@@ -1,0 +1,162 @@
+"""The job end to end through Ray on a few hundred images, with a corrupt one among them."""
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import parse_job
+from pipeline.data.fashion_mnist import encode_image, write_split_shards
+from pipeline.defense.classifier import DefendedClassifier
+from pipeline.features.backbones import SmallResNet
+from pipeline.features.extract import extract_shard
+from pipeline.features.transforms import fit_pca
+from pipeline.index.faiss_index import all_ids, load_index
+from pipeline.layout import JobLayout
+from pipeline.runtime.job import run_job
+from pipeline.runtime.manifest import Manifest
+from pipeline.store.softmax_store import SoftmaxStore
+from tests.conftest import synthetic_images
+
+LAYERS = ["conv_2_2", "conv_3_2", "conv_4_1", "conv_4_2"]
+
+
+def _append_corrupt_sample(tar_path, key: str) -> None:
+    with tarfile.open(tar_path, "a") as tar:
+        for name, data in ((f"{key}.png", b"\x89PNG\r\n\x1a\n broken"), (f"{key}.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("e2e")
+    images, labels = synthetic_images(300, seed=5)
+    write_split_shards(images, labels, root / "db", "train", samples_per_shard=80)
+    _append_corrupt_sample(root / "db" / "00001.tar", "corrupt-key")
+    q_images, q_labels = synthetic_images(90, seed=6)
+    write_split_shards(q_images, q_labels, root / "q", "test", samples_per_shard=50)
+    spec = parse_job({
+        "name": "e2e", "output_dir": str(root / "job"),
+        "data": {"database": str(root / "db"), "queries": str(root / "q")},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+        "features": {"layers": LAYERS, "pca_dim": 8, "pca_sample": 200, "batch_size": 64},
+        "index": {"factory": "IVF4,Flat", "train_sample": 200, "nprobe": 4},
+        "store": {"partitions": 2},
+        "evaluate": {"num_queries": 60, "k": 10, "attacks": [{"name": "pgd", "steps": 3}]},
+        "runtime": {"progress": False},
+    })
+    summary = run_job(spec)
+    return spec, JobLayout(spec.output_dir), summary, (images, labels)
+
+
+def _parquet_rows(layout: JobLayout):
+    tables = [pq.read_table(p, columns=["key", "id", "label"])
+              for p in sorted(layout.features_dir.glob("*.parquet"))]
+    keys = sum((t.column("key").to_pylist() for t in tables), [])
+    ids = np.concatenate([t.column("id").to_numpy() for t in tables])
+    return keys, ids
+
+
+@pytest.mark.slow
+def test_every_database_key_is_in_parquet_faiss_and_leveldb_exactly_once(finished_job):
+    spec, layout, summary, (images, _) = finished_job
+    keys, ids = _parquet_rows(layout)
+    expected_keys = {f"{s:05d}{r:06d}" for s in range(4) for r in range(80 if s < 3 else 60)}
+    assert len(keys) == len(set(keys)) == 300
+    assert set(keys) == expected_keys
+    assert len(np.unique(ids)) == 300
+    for layer in LAYERS:
+        got = all_ids(load_index(layout.merged_index(layer)))
+        assert len(got) == 300 and np.array_equal(np.sort(got), np.sort(ids)), layer
+    with SoftmaxStore(layout.store_dir, 2) as store:
+        stored = np.fromiter(store.iter_ids(), np.int64)
+    assert len(stored) == 300 and np.array_equal(np.sort(stored), np.sort(ids))
+    assert summary["skipped"] == {"corrupt_image": 1}
+    assert summary["written"] == 300 and summary["keys_read"] == 301
+    assert summary["verify"]["keys"] == 300
+
+
+@pytest.mark.slow
+def test_parquet_shard_contract(finished_job):
+    spec, layout, _, _ = finished_job
+    table = pq.read_table(layout.features_file(1))
+    assert table.schema.names == ["key", "id", "label"] + LAYERS + ["softmax"]
+    assert str(table.schema.field("softmax").type) == "fixed_size_list<element: halffloat>[10]"
+    assert str(table.schema.field("conv_4_2").type) == "fixed_size_list<element: halffloat>[8]"
+    assert table.column("id").to_pylist()[:2] == [1 << 24, (1 << 24) + 1]
+    softmax = np.stack(table.column("softmax").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert np.allclose(softmax.sum(1), 1, atol=1e-2)
+    meta = __import__("json").loads(table.schema.metadata[b"knn_defense"])
+    assert meta["stats"]["skipped"] == {"corrupt_image": 1}
+    assert set(meta["transform_sha256"]) == set(LAYERS) and len(meta["weights_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_evaluation_table_and_rerun_is_cached(finished_job):
+    spec, layout, summary, _ = finished_job
+    csv = (layout.eval_dir / "results.csv").read_text().splitlines()
+    assert len(csv) == 1 + 2 * (1 + len(LAYERS) * 3)
+    md = (layout.eval_dir / "results.md").read_text()
+    assert "no defense" in md and "kNN CBW-D" in md and "achieved normalised L2" in md
+    assert (layout.eval_dir / "accuracy.png").stat().st_size > 1000
+    attacks = (layout.eval_dir / "attacks.csv").read_text()
+    assert "pgd-gray_box@0.06" in attacks
+    before = Manifest(layout.manifest)
+    attempts_before = before._db.execute("SELECT SUM(attempts), COUNT(*) FROM units").fetchone()
+    before.close()
+    run_job(spec)  # everything is done with the same fingerprints: nothing runs again
+    after = Manifest(layout.manifest)
+    assert after._db.execute("SELECT SUM(attempts), COUNT(*) FROM units").fetchone() == attempts_before
+    after.close()
+
+
+@pytest.mark.slow
+def test_defended_classifier_and_cli_classify(finished_job, tmp_path):
+    spec, layout, _, (images, labels) = finished_job
+    defense = DefendedClassifier.from_job(layout.root, layer="conv_4_2", weighting="cbw_d")
+    try:
+        pred, scores, neigh = defense.predict(images[:20, ..., None], return_neighbours=True)
+        assert pred.shape == (20,) and scores.shape == (20, 10)
+        assert neigh.ids.shape == (20, 10) and neigh.found.all()
+        # a database image's nearest neighbour is itself (distance ~0)
+        assert np.mean(neigh.distances[:, 0] < 1e-3) > 0.9
+        assert (pred == labels[:20]).mean() > 0.5
+    finally:
+        defense.store.close()
+    png = tmp_path / "q.png"
+    png.write_bytes(encode_image(images[0], "png"))
+    result = CliRunner().invoke(main, ["classify", "--job", str(layout.root), str(png), "--neighbours"])
+    assert result.exit_code == 0, result.output
+    assert f"label={labels[0]}" in result.output and "id=" in result.output
+
+
+def test_crash_mid_shard_leaves_no_output(tmp_path):
+    images, labels = synthetic_images(100, seed=1)
+    write_split_shards(images, labels, tmp_path / "db", "train", samples_per_shard=100)
+
+    class Exploding(SmallResNet):
+        calls = 0
+
+        def forward_taps(self, x, taps=()):
+            Exploding.calls += 1
+            if Exploding.calls == 2:
+                raise RuntimeError("simulated worker crash")
+            return super().forward_taps(x, taps)
+
+    model = Exploding().eval()
+    transforms = {"conv_4_2": fit_pca(np.random.default_rng(0).normal(size=(50, 128)), 8)}
+    out = tmp_path / "features" / "00000.parquet"
+    with pytest.raises(RuntimeError, match="simulated"):
+        with torch.inference_mode():
+            extract_shard(model, transforms, str(tmp_path / "db" / "00000.tar"), 0, str(out),
+                          layers=["conv_4_2"], pooling="avg", dtype="float16", batch_size=40,
+                          channels=1, size=None, max_pixels=10**8, provenance={})
+    assert not out.exists()
+    assert not out.with_name(out.name + ".tmp").exists()
