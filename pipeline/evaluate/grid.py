@@ -142,7 +142,7 @@ def plot_accuracy(rows: list[dict], path: str | os.PathLike) -> None:
     for i, cond in enumerate(conditions):
         acc = np.array([by[(cond, *d)]["accuracy"] for d in defenses])
         err = np.array([[acc[j] - by[(cond, *d)]["ci95_low"], by[(cond, *d)]["ci95_high"] - acc[j]]
-                        for j, d in enumerate(defenses)]).T
+                        for j, d in enumerate(defenses)]).T.clip(min=0)  # float round-off at 0 or 1
         ax.bar(xs + i * width, acc, width, yerr=err, capsize=2, label=cond)
     labels = ["no defense" if layer == "none" else f"{layer}\n{WEIGHTING_NAMES.get(w, w)}"
               for layer, w in defenses]
