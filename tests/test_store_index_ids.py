@@ -2,9 +2,23 @@ import numpy as np
 import pytest
 
 from pipeline.ids import make_ids, partition, split_ids
-from pipeline.index.faiss_index import all_ids, load_index, merge_parts, populate_part, search, train_index, write_index
+from pipeline.index.faiss_index import (
+    all_ids,
+    load_index,
+    merge_parts,
+    populate_part,
+    search,
+    train_index,
+    write_index,
+)
 from pipeline.runtime.manifest import Manifest
-from pipeline.store.softmax_store import SoftmaxStore, decode, encode_float16, partition_dir, write_partition
+from pipeline.store.softmax_store import (
+    SoftmaxStore,
+    decode,
+    encode_float16,
+    partition_dir,
+    write_partition,
+)
 
 
 def test_ids_round_trip_and_partition_by_shard():

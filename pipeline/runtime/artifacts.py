@@ -30,6 +30,7 @@ def load_spec(job_dir: str | os.PathLike):
 def check_hashes(layout: JobLayout, layers) -> dict:
     """Recompute and cross-check the hashes recorded by each stage; returns model info."""
     model_info = read_json(layout.model_info, "run the train stage")
+    model_info["path"] = str(layout.root / model_info["path"])  # relative inside the job folder
     actual = file_sha256(model_info["path"])
     if actual != model_info["sha256"]:
         raise InconsistentJob(f"{model_info['path']}: weights changed since the job ran "

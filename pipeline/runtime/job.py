@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,29 +107,29 @@ def stage_shards(run: JobRun) -> None:
 
 
 def stage_train(run: JobRun) -> None:
+    """Train the classifier (cached by content hash of settings and data), or take model.weights."""
     spec, layout = run.spec, run.layout
     if spec.model.weights is not None:
-        path, fp = spec.model.weights, None
+        write_json(layout.model_info, {"path": str(Path(spec.model.weights).resolve()),
+                                       "sha256": file_sha256(spec.model.weights), "training_hash": None})
     else:
-        digests = [file_sha256(s["url"]) if "://" not in s["url"] else s["url"]
-                   for s in run.state["shards"]]
         from pipeline.train.classifier import training_hash
 
-        fp = training_hash(spec.model, spec.train, digests)
-        path = str(layout.model_dir / f"classifier-{fp}.pt")
-        result = run.single("train", tasks.train_task, fp, spec.model_dump(),
-                            [s["url"] for s in run.state["shards"]], path, run.task_cpus,
-                            num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
-        if result is None and not layout.model_info.is_file():
-            raise RuntimeError(f"{layout.manifest}: train marked done but {layout.model_info} missing")
-        if result is not None:
-            write_json(layout.model_info, {"path": path, "sha256": file_sha256(path),
-                                           "training_hash": fp, "history": result["history"],
-                                           "train_seconds": result["seconds"]})
-    if spec.model.weights is not None:
-        write_json(layout.model_info, {"path": path, "sha256": file_sha256(path), "training_hash": None})
+        urls = [s["url"] for s in run.state["shards"]]
+        fp = training_hash(spec.model, spec.train, [file_sha256(u) if "://" not in u else u for u in urls])
+        path = layout.model_dir / f"classifier-{fp}.pt"
+        result = run.single("train", tasks.train_task, fp, spec.model_dump(), urls, str(path),
+                            run.task_cpus, num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
+        if result is not None or not layout.model_info.is_file():
+            if not path.is_file():
+                raise RuntimeError(f"{path}: the train stage is marked done but its output is gone; "
+                                   "delete the job's manifest/ entry or use a new output_dir")
+            write_json(layout.model_info, {
+                "path": str(path.relative_to(layout.root)), "sha256": file_sha256(path),
+                "training_hash": fp, "history": (result or {}).get("history"),
+                "train_seconds": (result or {}).get("seconds")})
     info = read_json(layout.model_info)
-    run.state.update(weights=info["path"], weights_sha256=info["sha256"])
+    run.state.update(weights=str(layout.root / info["path"]), weights_sha256=info["sha256"])
 
 
 def stage_transforms(run: JobRun) -> None:
@@ -264,6 +265,8 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, *, address: str | No
                 t = time.time()
                 STAGE_FUNCS[stage](run)
                 run.times[stage] = round(time.time() - t, 2)
+                if progress:
+                    print(f"[{spec.name}] {stage} done ({run.times[stage]:.1f}s)", flush=True)
         summary = build_summary(run)
         write_json(layout.summary, summary)
         return {**summary, "eval_markdown": run.state.get("eval_markdown")}

@@ -86,8 +86,9 @@ def run_units(manifest: Manifest, stage: str, units: list[Unit], fingerprint: st
     manifest.mark_running(stage, [u.name for u in todo], fingerprint)
     pending = {remote.remote(u.fn, u.args, u.kwargs): u.name for u in todo}
     results, failed = {}, []
+    # A bar for stages of many units; single-task stages show their own progress inside.
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc or stage,
-               unit="unit", disable=not progress, dynamic_ncols=True)
+               unit="unit", disable=not progress or len(units) == 1, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.features.extract import read_column, read_metadata
+from pipeline.features.extract import read_metadata
 from pipeline.index.faiss_index import all_ids, load_index
 from pipeline.layout import JobLayout
 from pipeline.store.softmax_store import SoftmaxStore
