@@ -1,0 +1,225 @@
+"""Reading webdataset tar shards (img2dataset layout) robustly.
+
+Bad samples never stop a shard: corrupt, missing, empty or oversized images are skipped and
+counted by reason in a :class:`ShardStats`; a truncated tar yields the samples before the damage.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a folder, a glob, a brace pattern ``{00000..00009}`` or a list of those.
+    Local paths are checked; other fsspec URLs are taken as given."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for one in braceexpand(item):
+            if "://" in one and not one.startswith("file://"):
+                fs, path = fsspec.core.url_to_fs(one)
+                if fs.isdir(path):
+                    urls += sorted(fs.unstrip_protocol(p) for p in fs.glob(path.rstrip("/") + "/*.tar"))
+                else:
+                    urls.append(one)
+                continue
+            one = one.removeprefix("file://")
+            if os.path.isdir(one):
+                urls += sorted(glob.glob(os.path.join(one, "*.tar")))
+            elif any(c in one for c in "*?["):
+                urls += sorted(glob.glob(one))
+            elif os.path.isfile(one):
+                urls.append(one)
+            else:
+                raise FileNotFoundError(f"{one!r} does not exist")
+    return urls
+
+
+@dataclass
+class ShardStats:
+    """What happened to every sample of one shard."""
+
+    read: int = 0  # keys seen; every one ends up yielded or in `skipped`
+    decoded: int = 0
+    skipped: Counter = field(default_factory=Counter)  # per-sample reason -> count (lost keys)
+    problems: Counter = field(default_factory=Counter)  # shard-level: truncated_tar, bad_json, ...
+    messages: list[str] = field(default_factory=list)  # the first few details, for the stats file
+
+    def _note(self, reason: str, detail: str) -> None:
+        if detail and len(self.messages) < 10:
+            self.messages.append(f"{reason}: {detail}")
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        self._note(reason, detail)
+
+    def problem(self, reason: str, detail: str = "") -> None:
+        self.problems[reason] += 1
+        self._note(reason, detail)
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "decoded": self.decoded, "skipped": dict(self.skipped),
+                "problems": dict(self.problems), "messages": list(self.messages)}
+
+
+@dataclass
+class Sample:
+    key: str
+    image: np.ndarray | None  # HWC uint8 (C = 1 or 3), None when not decoded
+    label: int | None
+    meta: dict
+
+
+def _iter_files(url: str, stats: ShardStats) -> Iterator[dict]:
+    """Regular files of a tar, streamed. Python's tarfile ends quietly at a truncated header, so
+    the end of the last member is checked against the file size (a whole tar ends with two zero
+    blocks); a truncated member or header ends the stream with a counted ``truncated_tar``."""
+    fs, path = fsspec.core.url_to_fs(url)
+    size = fs.size(path)
+    end = 0
+    try:
+        with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                end = info.offset_data + ((info.size + 511) // 512) * 512
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
+                yield {"fname": info.name, "data": data}
+                tar.members = []  # streaming: keep no index of members
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
+        stats.problem("truncated_tar", f"{url}: {exn}")
+        return
+    if size is not None and size < end + 1024:
+        stats.problem("truncated_tar", f"{url}: ends at byte {size}, before the end-of-archive blocks "
+                                        f"(last whole member ends at {end})")
+
+
+def iter_raw_samples(url: str, stats: ShardStats) -> Iterator[dict]:
+    """Group a tar's files by key: ``{"__key__": key, ext: bytes, ...}``, in tar order."""
+    current: dict | None = None
+    for f in _iter_files(url, stats):
+        prefix, suffix = base_plus_ext(f["fname"])
+        if prefix is None:
+            continue
+        if current is not None and current["__key__"] != prefix:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": prefix}
+        current[suffix.lower()] = f["data"]
+    if current is not None:
+        yield current
+
+
+def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None = None) -> np.ndarray:
+    """Decode to HWC uint8 with ``channels`` channels, resized (shorter side) and centre-cropped
+    to ``size`` x ``size`` when given; raises on corrupt or oversized images."""
+    if not data:
+        raise ValueError("empty image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size, size):
+                img = _resize_center_crop(img, size)
+            arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def iter_samples(
+    url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
+    max_pixels: int = 89_478_485, size: int | None = None,
+) -> Iterator[Sample]:
+    """Samples of one shard, decoded (or metadata only), skipping and counting bad ones."""
+    for raw in iter_raw_samples(url, stats):
+        stats.read += 1
+        key = raw["__key__"]
+        meta = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError as exn:
+                stats.problem("bad_json", f"{key}: {exn}")
+        label = None
+        if "cls" in raw:
+            try:
+                label = int(raw["cls"].decode().strip())
+            except ValueError:
+                stats.skip("bad_label", key)
+                continue
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            stats.skip("missing_image", key)
+            continue
+        image = None
+        if decode:
+            try:
+                image = decode_image(raw[ext], max_pixels, channels, size)
+            except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+                stats.skip("oversized_image", f"{key}: {exn}")
+                continue
+            except Exception as exn:  # PIL raises many types for corrupt data
+                stats.skip("corrupt_image", f"{key}: {type(exn).__name__}: {exn}")
+                continue
+            stats.decoded += 1
+        yield Sample(key=key, image=image, label=label, meta=meta)
+
+
+def scan_shard(url: str) -> ShardStats:
+    """Decode-free scan (keys and metadata only): ``read`` keys, of which ``read - skipped``
+    carry an image and a valid label."""
+    stats = ShardStats()
+    for _ in iter_samples(url, stats, decode=False):
+        pass
+    return stats
+
+
+def load_images(urls: list[str], channels: int, size: int | None = None,
+                max_pixels: int = 89_478_485, limit: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """Decode every sample of ``urls`` into memory (small datasets: training, queries).
+    Returns keys, images [N, H, W, C] uint8, labels [N] (-1 when absent) and skip counts."""
+    keys, images, labels = [], [], []
+    skipped: Counter = Counter()
+    for url in urls:
+        stats = ShardStats()
+        for s in iter_samples(url, stats, channels=channels, max_pixels=max_pixels, size=size):
+            keys.append(s.key)
+            images.append(s.image)
+            labels.append(-1 if s.label is None else s.label)
+            if limit is not None and len(keys) >= limit:
+                break
+        skipped.update(stats.skipped)
+        if limit is not None and len(keys) >= limit:
+            break
+    if not images:
+        raise ValueError(f"no decodable image in {len(urls)} shard(s)")
+    return keys, np.stack(images), np.asarray(labels, dtype=np.int64), dict(skipped)
