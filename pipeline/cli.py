@@ -103,8 +103,64 @@ def _stage_command(stage: str):
 
 
 for _stage in STAGES:
-    if _stage != "import":
+    if _stage not in ("import", "subset"):  # these two have their own standalone commands
         _stage_command(_stage)
+
+
+@main.group()
+def subset():
+    """IG-N-All / IG-N-Targeted subsets of a shard collection."""
+
+
+@subset.command("build")
+@click.option("--kind", type=click.Choice(["all", "targeted"]), required=True,
+              help="all: uniform over valid samples; targeted: among samples with a vocabulary hashtag.")
+@click.option("--size", type=click.IntRange(min=1), required=True, help="N, the number of samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--input", "input_", required=True, multiple=True,
+              help="Shards: folder, glob, {00000..00099} pattern or fsspec URL (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for subset.parquet, summary.json and per-shard candidates.")
+@click.option("--tag-field", default="tags", show_default=True, help="json field holding the tags.")
+@click.option("--vocabulary", default=None, help="Hashtag vocabulary JSON (default: ImageNet-1k's).")
+@click.option("--allow-smaller", is_flag=True, help="Accept fewer than N when fewer qualify.")
+@click.option("--address", default=None, help="Ray address; default: a local Ray on 127.0.0.1.")
+@click.option("--no-progress", is_flag=True)
+@_one_line_errors
+def subset_build(kind, size, seed, input_, output, tag_field, vocabulary, allow_smaller, address,
+                 no_progress):
+    """Choose exactly N samples reproducibly (smallest seeded key hashes), shard by shard."""
+    import json
+    from pathlib import Path
+
+    from pipeline.data.shards import expand_shards
+    from pipeline.data.subsets import NotEnoughSamples, SubsetRule
+    from pipeline.runtime.job import run_subset
+    from pipeline.runtime.manifest import Manifest
+    from pipeline.runtime.ray_runner import ray_session
+
+    urls = expand_shards(list(input_))
+    if not urls:
+        raise ConfigError(f"--input {' '.join(input_)}: no .tar shard found")
+    if vocabulary is not None and not Path(vocabulary).is_file():
+        raise ConfigError(f"--vocabulary {vocabulary}: not found")
+    rule = SubsetRule(kind, size, seed, tag_field, vocabulary)
+    manifest = Manifest(Path(output) / "manifest.sqlite")
+    try:
+        with ray_session(address):
+            summary = run_subset(manifest, rule, urls, output, allow_smaller=allow_smaller,
+                                 progress=not no_progress)
+    except NotEnoughSamples as err:
+        raise ConfigError(str(err)) from None
+    finally:
+        manifest.close()
+    brief = {k: v for k, v in summary.items() if k != "coverage"}
+    if "coverage" in summary:
+        cov = summary["coverage"]
+        brief["classes_covered"] = cov["classes_covered"]
+        brief["classes_without_images"] = len(cov["classes_without_images"])
+    click.echo(json.dumps(brief, indent=2))
+    click.echo(f"wrote {Path(output) / 'subset.parquet'} and summary.json")
 
 
 @main.command("import-fashion-mnist")

@@ -51,6 +51,20 @@ class DataSpec(_Strict):
         return self
 
 
+class SubsetSpec(_Strict):
+    """IG-N-All (kind: all) or IG-N-Targeted (kind: targeted) subset of the database shards."""
+
+    kind: Literal["all", "targeted"]
+    size: Annotated[int, Field(gt=0)]
+    seed: int = 0
+    tag_field: str = "tags"  # json field with the tags (list or string; dots for nesting)
+    vocabulary: str | None = None  # hashtag vocabulary JSON; None = packaged ImageNet-1k one
+    allow_smaller: bool = False  # accept fewer than `size` when fewer qualify
+    # features: extract only the subset's images; index: extract every image once, index and
+    # store only the subset (re-run with another size re-uses the features: nested databases).
+    apply: Literal["features", "index"] = "features"
+
+
 class ModelSpec(_Strict):
     arch: Literal["small_resnet"] = "small_resnet"
     num_classes: Annotated[int, Field(ge=2)] = 10
@@ -150,6 +164,7 @@ class JobSpec(_Strict):
     output_dir: str | None = None  # default runs/<name>
     seed: int = 0
     data: DataSpec
+    subset: SubsetSpec | None = None
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     features: FeaturesSpec = FeaturesSpec()
@@ -230,13 +245,15 @@ def check_paths(spec: JobSpec, source: str) -> None:
                 f"install the Debian package dataset-fashion-mnist or set it (or ${FASHION_MNIST_ENV}) "
                 "to a folder with the idx files"
             )
-        return  # database/queries are written by the import step
-    for key in ("database", "queries"):
+    for key in ("database", "queries") if fm is None else ():  # else written by the import
         try:
             urls = expand_shards(getattr(spec.data, key))
         except FileNotFoundError as err:
             raise ConfigError(f"{source}: data.{key}: {err}") from None
         if not urls:
             raise ConfigError(f"{source}: data.{key} matches no .tar shard")
+    if spec.subset is not None and spec.subset.vocabulary is not None \
+            and not Path(spec.subset.vocabulary).is_file():
+        raise ConfigError(f"{source}: subset.vocabulary {spec.subset.vocabulary!r} not found")
     if spec.model.weights is not None and not Path(spec.model.weights).is_file():
         raise ConfigError(f"{source}: model.weights {spec.model.weights!r} not found")

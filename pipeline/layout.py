@@ -14,6 +14,8 @@ class JobLayout:
     job_yaml = property(lambda self: self.root / "job.yaml")
     manifest = property(lambda self: self.root / "manifest" / "manifest.sqlite")
     shards_table = property(lambda self: self.root / "shards.parquet")
+    subset_dir = property(lambda self: self.root / "subset")
+    subset_manifest = property(lambda self: self.root / "subset" / "subset.parquet")
     model_dir = property(lambda self: self.root / "model")
     model_info = property(lambda self: self.root / "model" / "model.json")
     transforms_dir = property(lambda self: self.root / "transforms")

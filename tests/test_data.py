@@ -82,13 +82,17 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     samples = list(iter_samples(str(shard), stats, channels=1, max_pixels=10_000))
     assert [s.key for s in samples] == ["a", "g"]
     assert stats.read == 7 and stats.decoded == 2
-    assert stats.skipped == {"corrupt_image": 2, "missing_image": 1, "oversized_image": 1,
-                             "bad_label": 1}
+    assert stats.skipped == {"corrupt_image": 1, "empty_image": 1, "missing_image": 1,
+                             "oversized_image": 1, "bad_label": 1}
     assert stats.problems == {"bad_json": 1}
     assert stats.read == len(samples) + sum(stats.skipped.values())
     # the decode-free scan sees the same keys
-    scan = scan_shard(str(shard))
-    assert scan.read == 7 and scan.skipped == {"missing_image": 1, "bad_label": 1}
+    scan = scan_shard(str(shard))  # no decoding: corrupt bytes and sizes are not seen
+    assert scan.read == 7 and scan.skipped == {"missing_image": 1, "bad_label": 1, "empty_image": 1}
+    # keys outside a subset are passed over, unread and uncounted
+    only = ShardStats(record_keys=True)
+    assert [s.key for s in iter_samples(str(shard), only, channels=1, keys={"b", "g"})] == ["g"]
+    assert only.read == 2 and only.skipped_keys == [("b", "corrupt_image")]
 
 
 def test_truncated_tar_yields_samples_before_the_damage(tmp_path):

@@ -14,7 +14,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -24,6 +24,8 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+META_EXTS = ("json", "txt", "cls")
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's convention for non-sample members
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -61,22 +63,29 @@ class ShardStats:
     skipped: Counter = field(default_factory=Counter)  # per-sample reason -> count (lost keys)
     problems: Counter = field(default_factory=Counter)  # shard-level: truncated_tar, bad_json, ...
     messages: list[str] = field(default_factory=list)  # the first few details, for the stats file
+    record_keys: bool = False  # keep (key, reason) of every skipped sample (feature shards do)
+    skipped_keys: list[tuple[str, str]] = field(default_factory=list)
 
     def _note(self, reason: str, detail: str) -> None:
         if detail and len(self.messages) < 10:
             self.messages.append(f"{reason}: {detail}")
 
-    def skip(self, reason: str, detail: str = "") -> None:
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
         self.skipped[reason] += 1
-        self._note(reason, detail)
+        if self.record_keys:
+            self.skipped_keys.append((key, reason))
+        self._note(reason, f"{key}: {detail}" if detail else key)
 
     def problem(self, reason: str, detail: str = "") -> None:
         self.problems[reason] += 1
         self._note(reason, detail)
 
     def as_dict(self) -> dict:
-        return {"read": self.read, "decoded": self.decoded, "skipped": dict(self.skipped),
-                "problems": dict(self.problems), "messages": list(self.messages)}
+        out = {"read": self.read, "decoded": self.decoded, "skipped": dict(self.skipped),
+               "problems": dict(self.problems), "messages": list(self.messages)}
+        if self.record_keys:
+            out["skipped_keys"] = [list(kr) for kr in self.skipped_keys]
+        return out
 
 
 @dataclass
@@ -85,12 +94,17 @@ class Sample:
     image: np.ndarray | None  # HWC uint8 (C = 1 or 3), None when not decoded
     label: int | None
     meta: dict
+    caption: str | None = None  # key.txt
 
 
-def _iter_files(url: str, stats: ShardStats) -> Iterator[dict]:
-    """Regular files of a tar, streamed. Python's tarfile ends quietly at a truncated header, so
-    the end of the last member is checked against the file size (a whole tar ends with two zero
-    blocks); a truncated member or header ends the stream with a counted ``truncated_tar``."""
+def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str], bool] | None = None
+                ) -> Iterator[dict]:
+    """Regular files of a tar, streamed: ``{"fname", "size", "data"}``; ``data`` is None for
+    members ``wanted`` rejects (their bytes are skipped, not read).
+
+    Python's tarfile ends quietly at a truncated header, so the end of the last member is checked
+    against the file size (a whole tar ends with two zero blocks); a truncated member or header
+    ends the stream with a counted ``truncated_tar``."""
     fs, path = fsspec.core.url_to_fs(url)
     size = fs.size(path)
     end = 0
@@ -98,12 +112,14 @@ def _iter_files(url: str, stats: ShardStats) -> Iterator[dict]:
         with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 end = info.offset_data + ((info.size + 511) // 512) * 512
-                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                if not info.isreg() or _META_MEMBER.match(info.name):
                     continue
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
-                yield {"fname": info.name, "data": data}
+                data = None
+                if wanted is None or wanted(info.name):
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
+                yield {"fname": info.name, "size": info.size, "data": data}
                 tar.members = []  # streaming: keep no index of members
     except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
         stats.problem("truncated_tar", f"{url}: {exn}")
@@ -113,10 +129,11 @@ def _iter_files(url: str, stats: ShardStats) -> Iterator[dict]:
                                         f"(last whole member ends at {end})")
 
 
-def iter_raw_samples(url: str, stats: ShardStats) -> Iterator[dict]:
-    """Group a tar's files by key: ``{"__key__": key, ext: bytes, ...}``, in tar order."""
+def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str], bool] | None = None
+                     ) -> Iterator[dict]:
+    """Group a tar's files by key: ``{"__key__": key, "__sizes__": {ext: n}, ext: bytes | None}``."""
     current: dict | None = None
-    for f in _iter_files(url, stats):
+    for f in _iter_files(url, stats, wanted):
         prefix, suffix = base_plus_ext(f["fname"])
         if prefix is None:
             continue
@@ -124,8 +141,9 @@ def iter_raw_samples(url: str, stats: ShardStats) -> Iterator[dict]:
             yield current
             current = None
         if current is None:
-            current = {"__key__": prefix}
+            current = {"__key__": prefix, "__sizes__": {}}
         current[suffix.lower()] = f["data"]
+        current["__sizes__"][suffix.lower()] = f["size"]
     if current is not None:
         yield current
 
@@ -155,22 +173,37 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _member_filter(decode: bool, keys: Container[str] | None) -> Callable[[str], bool]:
+    """Which members to read: metadata always, images only when decoding; only ``keys`` if given."""
+
+    def wanted(fname: str) -> bool:
+        prefix, suffix = base_plus_ext(fname)
+        if keys is not None and prefix not in keys:
+            return False
+        return decode or (suffix or "").lower() in META_EXTS
+
+    return wanted
+
+
 def iter_samples(
     url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
-    max_pixels: int = 89_478_485, size: int | None = None,
+    max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
 ) -> Iterator[Sample]:
-    """Samples of one shard, decoded (or metadata only), skipping and counting bad ones."""
-    for raw in iter_raw_samples(url, stats):
-        stats.read += 1
+    """Samples of one shard, decoded (or metadata only, without reading image bytes), skipping
+    and counting bad ones. With ``keys``, other samples are passed over unread and uncounted."""
+    for raw in iter_raw_samples(url, stats, _member_filter(decode, keys)):
         key = raw["__key__"]
+        if keys is not None and key not in keys:
+            continue
+        stats.read += 1
         meta = {}
-        if "json" in raw:
+        if raw.get("json") is not None:
             try:
                 meta = json.loads(raw["json"])
             except ValueError as exn:
                 stats.problem("bad_json", f"{key}: {exn}")
         label = None
-        if "cls" in raw:
+        if raw.get("cls") is not None:
             try:
                 label = int(raw["cls"].decode().strip())
             except ValueError:
@@ -180,18 +213,24 @@ def iter_samples(
         if ext is None:
             stats.skip("missing_image", key)
             continue
+        if raw["__sizes__"][ext] == 0:
+            stats.skip("empty_image", key)
+            continue
         image = None
         if decode:
             try:
                 image = decode_image(raw[ext], max_pixels, channels, size)
             except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
-                stats.skip("oversized_image", f"{key}: {exn}")
+                stats.skip("oversized_image", key, str(exn))
                 continue
             except Exception as exn:  # PIL raises many types for corrupt data
-                stats.skip("corrupt_image", f"{key}: {type(exn).__name__}: {exn}")
+                stats.skip("corrupt_image", key, f"{type(exn).__name__}: {exn}")
                 continue
             stats.decoded += 1
-        yield Sample(key=key, image=image, label=label, meta=meta)
+        caption = None
+        if raw.get("txt") is not None:
+            caption = raw["txt"].decode("utf-8", errors="replace")
+        yield Sample(key=key, image=image, label=label, meta=meta, caption=caption)
 
 
 def scan_shard(url: str) -> ShardStats:

@@ -54,14 +54,16 @@ def _fixed_list(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
 def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
                   *, layers, pooling: str, dtype: str, batch_size: int, channels: int,
                   size: int | None, max_pixels: int, provenance: dict,
-                  num_threads: int | None = None) -> dict:
-    """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard.
+                  num_threads: int | None = None, only_keys=None) -> dict:
+    """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard,
+    or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
     Written to a temp name and renamed, so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    stats = ShardStats()
+    stats = ShardStats(record_keys=True)
     keys, labels, feats, probs = [], [], {name: [] for name in layers}, []
-    samples = iter_samples(shard_url, stats, channels=channels, size=size, max_pixels=max_pixels)
+    samples = iter_samples(shard_url, stats, channels=channels, size=size, max_pixels=max_pixels,
+                           keys=only_keys)
     for batch in batches(samples, batch_size):
         x = images_to_tensor(np.stack([s.image for s in batch]))
         pooled, softmax = forward_features(model, x, layers, pooling)
@@ -88,7 +90,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     tmp = out_path.with_name(out_path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, out_path)
-    return {"shard_index": shard_index, "written": len(keys), **stats.as_dict()}
+    counts = {k: v for k, v in stats.as_dict().items() if k != "skipped_keys"}
+    return {"shard_index": shard_index, "written": table.num_rows, **counts}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

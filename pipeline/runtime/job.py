@@ -29,7 +29,7 @@ from pipeline.runtime.ray_runner import Unit, cluster_resources, ray_session, ru
 
 log = logging.getLogger(__name__)
 
-STAGES = ["import", "shards", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
+STAGES = ["import", "shards", "subset", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
 
 
 def fingerprint(*parts) -> str:
@@ -106,6 +106,59 @@ def stage_shards(run: JobRun) -> None:
     run.state["shards"] = table
 
 
+def run_subset(manifest: Manifest, rule, urls: list[str], out_dir, *, allow_smaller: bool = False,
+               progress: bool = True, max_retries: int = 2, shard_indexes: list[int] | None = None
+               ) -> dict:
+    """Scan every shard (one task each) for its smallest-hash eligible keys, then merge them into
+    ``out_dir/subset.parquet`` and ``summary.json``. Shared by the job stage and `subset build`."""
+    from pipeline.data.subsets import finish_subset, scan_shard_candidates
+
+    out_dir = Path(out_dir)
+    shard_indexes = shard_indexes or list(range(len(urls)))
+    candidates = [str(out_dir / "candidates" / f"{i:05d}.parquet") for i in shard_indexes]
+    fp = fingerprint(urls, rule)
+    units = [Unit(f"{i:05d}", scan_shard_candidates, (u, i, rule, c))
+             for i, u, c in zip(shard_indexes, urls, candidates, strict=True)]
+    run_units(manifest, "subset.scan", units, fp, progress=progress, max_retries=max_retries,
+              desc=f"subset scan ({rule.kind}, N={rule.size})")
+    counts = [c for _, c in manifest.unit_counts("subset.scan")]
+    return finish_subset(rule, candidates, out_dir, counts, allow_smaller)
+
+
+def _subset_rule(spec: JobSpec):
+    from pipeline.data.subsets import SubsetRule
+
+    s = spec.subset
+    return SubsetRule(s.kind, s.size, s.seed, s.tag_field, s.vocabulary)
+
+
+def stage_subset(run: JobRun) -> None:
+    """IG-N-All / IG-N-Targeted manifest under subset/ (no-op without a `subset` section)."""
+    spec, layout = run.spec, run.layout
+    run.state.update(subset_manifest=None, subset_fp=None)
+    if spec.subset is None:
+        return
+    rule = _subset_rule(spec)
+    fp = fingerprint([s["url"] for s in run.state["shards"]], rule, spec.subset.allow_smaller)
+    summary_path = layout.subset_dir / "summary.json"
+    if not (run.manifest.is_done("subset", "merge", fp) and layout.subset_manifest.is_file()):
+        run.manifest.mark_running("subset", ["merge"], fp)
+        summary = run_subset(run.manifest, rule, [s["url"] for s in run.state["shards"]],
+                             layout.subset_dir, allow_smaller=spec.subset.allow_smaller,
+                             progress=run.progress, max_retries=run.retries,
+                             shard_indexes=[s["shard_index"] for s in run.state["shards"]])
+        run.manifest.mark_done("subset", "merge", {k: summary[k] for k in ("selected", "scanned")})
+    summary = read_json(summary_path)
+    run.state.update(subset_manifest=str(layout.subset_manifest), subset_fp=fp,
+                     subset_summary={k: v for k, v in summary.items() if k != "coverage"})
+
+
+def _subset_for(run: JobRun, apply: str) -> str | None:
+    """The subset manifest when the subset applies at this point (features or index)."""
+    sub = run.spec.subset
+    return run.state["subset_manifest"] if sub is not None and sub.apply == apply else None
+
+
 def stage_train(run: JobRun) -> None:
     """Train the classifier (cached by content hash of settings and data), or take model.weights."""
     spec, layout = run.spec, run.layout
@@ -151,13 +204,14 @@ def stage_transforms(run: JobRun) -> None:
 def stage_features(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
     fs = spec.features
+    subset = _subset_for(run, "features")
     fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"], fs.dtype,
-                     spec.data.max_image_pixels, __version__)
+                     spec.data.max_image_pixels, __version__, run.state["subset_fp"] if subset else None)
     provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
                   "transform_sha256": run.state["transform_sha256"], "dtype": fs.dtype}
     units = [Unit(f"{s['shard_index']:05d}", tasks.features_task,
                   (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
-                   str(layout.root), provenance)) for s in run.state["shards"]]
+                   str(layout.root), provenance, 1, subset)) for s in run.state["shards"]]
     run.run("features", units, fp, desc="features", num_gpus=1 if run.gpus else 0)
     run.state["features_fp"] = fp
 
@@ -166,7 +220,9 @@ def stage_index(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
     shards = run.state["shards"]
     files = [str(layout.features_file(s["shard_index"])) for s in shards]
-    fps = {layer: fingerprint(run.state["features_fp"], spec.index.model_dump(), layer)
+    subset = _subset_for(run, "index")
+    fps = {layer: fingerprint(run.state["features_fp"], spec.index.model_dump(), layer,
+                              run.state["subset_fp"] if subset else None)
            for layer in spec.features.layers}
     for layer in spec.features.layers:
         run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
@@ -174,7 +230,7 @@ def stage_index(run: JobRun) -> None:
                    str(layout.trained_index(layer)), num_cpus=run.task_cpus)
     units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
                   (layer, str(layout.trained_index(layer)), files[j],
-                   str(layout.index_part(layer, s["shard_index"]))))
+                   str(layout.index_part(layer, s["shard_index"])), subset))
              for layer in spec.features.layers for j, s in enumerate(shards)]
     # One fingerprint per stage: combine the layers' ones (each unit names its layer).
     run.run("index.populate", units, fingerprint(fps), desc="index populate")
@@ -192,12 +248,14 @@ def stage_index(run: JobRun) -> None:
 def stage_store(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
     num_parts = spec.store.partitions
-    fp = fingerprint(run.state["features_fp"], spec.store.model_dump())
+    subset = _subset_for(run, "index")
+    fp = fingerprint(run.state["features_fp"], spec.store.model_dump(),
+                     run.state["subset_fp"] if subset else None)
     groups: dict[int, list[str]] = {p: [] for p in range(num_parts)}
     for s in run.state["shards"]:
         groups[partition_of_shard(s["shard_index"], num_parts)].append(
             str(layout.features_file(s["shard_index"])))
-    units = [Unit(f"part-{p:03d}", tasks.store_task, (str(layout.store_dir), p, files))
+    units = [Unit(f"part-{p:03d}", tasks.store_task, (str(layout.store_dir), p, files, subset))
              for p, files in groups.items()]
     results = run.run("store", units, fp, desc="store")
     if results or not layout.store_info.is_file():
@@ -211,9 +269,12 @@ def stage_store(run: JobRun) -> None:
 def stage_verify(run: JobRun) -> None:
     from pipeline.runtime.verify import verify_job
 
-    fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), run.spec.index.model_dump())
+    fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), run.spec.index.model_dump(),
+                     run.state["subset_fp"])
+    sub = run.spec.subset
     result = run.single("verify", verify_job, fp, str(run.layout.root), run.state["shards"],
-                        run.spec.features.layers, run.spec.store.partitions)
+                        run.spec.features.layers, run.spec.store.partitions,
+                        run.state["subset_manifest"], sub.apply if sub else None)
     if result is not None:
         run.state["verify"] = result
 
@@ -230,7 +291,7 @@ def stage_evaluate(run: JobRun) -> None:
 
 STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
 # Stages whose state later stages read; they are cheap to re-enter (their units are cached).
-_PREREQS = ["shards", "train", "transforms", "features", "store"]
+_PREREQS = ["shards", "subset", "train", "transforms", "features", "store"]
 
 
 def write_resolved_spec(spec: JobSpec, layout: JobLayout) -> None:
@@ -285,4 +346,5 @@ def build_summary(run: JobRun) -> dict:
     return {"job": run.spec.name, "code_version": __version__, "stage_seconds": run.times,
             "shards": len(run.state.get("shards", [])), "keys_read": read, "written": written,
             "skipped": skipped, "verify": run.state.get("verify"),
+            "subset": run.state.get("subset_summary"),
             "cluster": {"cpus": run.cpus, "gpus": run.gpus}}

@@ -12,7 +12,8 @@ import torch
 from pipeline.config import JobSpec
 from pipeline.data.shards import load_images, scan_shard
 from pipeline.features.backbones import images_to_tensor, load_model
-from pipeline.features.extract import extract_shard, forward_features, read_column
+from pipeline.data.subsets import selected_keys
+from pipeline.features.extract import extract_shard, forward_features, read_column, read_metadata
 from pipeline.features.transforms import fit_pca, load_pca, save_pca
 from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index
 from pipeline.layout import JobLayout
@@ -74,8 +75,11 @@ def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, out_d
 
 
 def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir: str,
-                  provenance: dict, num_threads: int | None = 1) -> dict:
+                  provenance: dict, num_threads: int | None = 1, subset_manifest: str | None = None
+                  ) -> dict:
+    """Extract one shard (or only its keys in ``subset_manifest``)."""
     job = JobSpec.model_validate(spec)
+    only = selected_keys(subset_manifest, shard_index) if subset_manifest else None
     layout = JobLayout(job_dir)
     fs = job.features
     model = load_model(job.model, weights)
@@ -84,7 +88,7 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
                          layers=fs.layers, pooling=fs.pooling, dtype=fs.dtype, batch_size=fs.batch_size,
                          channels=job.model.in_channels, size=None,
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
-                         num_threads=num_threads)
+                         num_threads=num_threads, only_keys=only)
 
 
 def train_index_task(layer: str, feature_files: list[str], factory: str, sample: int, seed: int,
@@ -99,8 +103,19 @@ def train_index_task(layer: str, feature_files: list[str], factory: str, sample:
     return {"train_vectors": len(vectors), "dim": int(vectors.shape[1])}
 
 
-def populate_task(layer: str, trained_path: str, feature_file: str, out_path: str) -> dict:
-    vectors, ids = read_column(feature_file, layer), read_column(feature_file, "id")
+def _subset_rows(feature_file: str, subset_manifest: str | None) -> np.ndarray | slice:
+    """Rows of a feature shard that belong to the subset (all rows without one)."""
+    if not subset_manifest:
+        return slice(None)
+    keys = read_column(feature_file, "key")
+    wanted = selected_keys(subset_manifest, int(read_metadata(feature_file)["shard_index"]))
+    return np.fromiter((k in wanted for k in keys), bool, len(keys))
+
+
+def populate_task(layer: str, trained_path: str, feature_file: str, out_path: str,
+                  subset_manifest: str | None = None) -> dict:
+    rows = _subset_rows(feature_file, subset_manifest)
+    vectors, ids = read_column(feature_file, layer)[rows], read_column(feature_file, "id")[rows]
     return {"added": populate_part(trained_path, vectors, ids.astype(np.int64), out_path)}
 
 
@@ -108,11 +123,13 @@ def merge_task(trained_path: str, part_paths: list[str], out_path: str) -> dict:
     return {"ntotal": merge_parts(trained_path, part_paths, out_path)}
 
 
-def store_task(store_dir: str, partition_index: int, feature_files: list[str]) -> dict:
+def store_task(store_dir: str, partition_index: int, feature_files: list[str],
+               subset_manifest: str | None = None) -> dict:
     """Write one LevelDB partition from the softmax columns of its shards' feature files."""
     def rows():
         for f in feature_files:
-            yield read_column(f, "id").astype(np.int64), read_column(f, "softmax")
+            keep = _subset_rows(f, subset_manifest)
+            yield read_column(f, "id").astype(np.int64)[keep], read_column(f, "softmax")[keep]
 
     return {"written": write_partition(store_dir, partition_index, rows())}
 

@@ -26,29 +26,50 @@ def _check_same(name: str, got: np.ndarray, expected: np.ndarray) -> None:
                            f"(of {expected.size})")
 
 
-def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partitions: int) -> dict:
+def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partitions: int,
+               subset_manifest: str | None = None, subset_apply: str | None = None) -> dict:
+    """Check the invariant for every shard; with a subset: selected keys = written + skipped."""
     layout = JobLayout(job_dir)
-    ids, keys, skipped = [], [], {}
+    expected_ids, all_keys, skipped = [], [], {}
     for shard in shard_table:
         path = layout.features_file(shard["shard_index"])
         table = pq.read_table(path, columns=["key", "id"])
         stats = read_metadata(path)["stats"]
-        written = table.num_rows
+        keys = table.column("key").to_pylist()
+        ids = table.column("id").to_numpy()
+        skipped_keys = {k: reason for k, reason in stats.get("skipped_keys", [])}
         lost = sum(stats["skipped"].values())
-        if stats["read"] != shard["num_keys"] or written + lost != stats["read"]:
-            raise VerifyFailed(f"{path}: read {stats['read']} keys (shard table says "
-                               f"{shard['num_keys']}) but wrote {written} + skipped {lost}")
-        for reason, n in stats["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        ids.append(table.column("id").to_numpy())
-        keys += table.column("key").to_pylist()
-    expected = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        if len(skipped_keys) != lost or set(keys) & set(skipped_keys):
+            raise VerifyFailed(f"{path}: skipped keys recorded ({len(skipped_keys)}) disagree with "
+                               f"skip counts ({lost}) or overlap written keys")
+        if subset_manifest is None or subset_apply == "index":
+            if stats["read"] != shard["num_keys"] or len(keys) + lost != stats["read"]:
+                raise VerifyFailed(f"{path}: read {stats['read']} keys (shard table says "
+                                   f"{shard['num_keys']}) but wrote {len(keys)} + skipped {lost}")
+        indexed = np.ones(len(ids), bool)
+        if subset_manifest is not None:
+            selected = selected_keys(subset_manifest, shard["shard_index"])
+            accounted = set(keys) | set(skipped_keys) if subset_apply == "features" else None
+            if subset_apply == "features" and accounted != selected:
+                raise VerifyFailed(f"{path}: {len(selected - accounted)} selected keys neither written "
+                                   f"nor skipped, {len(accounted - selected)} not selected")
+            if subset_apply == "index":
+                lost_selected = selected - set(keys) - set(skipped_keys)
+                if lost_selected:
+                    raise VerifyFailed(f"{path}: {len(lost_selected)} selected keys are not in the shard")
+                indexed = np.fromiter((k in selected for k in keys), bool, len(keys))
+            skipped_keys = {k: r for k, r in skipped_keys.items() if k in selected}
+        for reason in skipped_keys.values():
+            skipped[reason] = skipped.get(reason, 0) + 1
+        expected_ids.append(ids[indexed])
+        all_keys += keys
+    expected = np.concatenate(expected_ids) if expected_ids else np.zeros(0, np.int64)
     _check_same("parquet", expected, np.unique(expected))
-    if len(set(keys)) != len(keys):
-        raise VerifyFailed(f"parquet: {len(keys) - len(set(keys))} duplicated sample keys")
+    if len(set(all_keys)) != len(all_keys):
+        raise VerifyFailed(f"parquet: {len(all_keys) - len(set(all_keys))} duplicated sample keys")
     for layer in layers:
         _check_same(f"index {layer}", all_ids(load_index(layout.merged_index(layer))), expected)
     with SoftmaxStore(layout.store_dir, partitions) as store:
         _check_same("store", np.fromiter(store.iter_ids(), np.int64), expected)
     return {"keys": int(expected.size), "skipped": skipped, "layers": list(layers),
-            "partitions": partitions}
+            "partitions": partitions, "subset": subset_apply}
