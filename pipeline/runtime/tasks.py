@@ -11,8 +11,8 @@ import torch
 
 from pipeline.config import JobSpec
 from pipeline.data.shards import load_images, scan_shard
-from pipeline.features.backbones import images_to_tensor, load_model
 from pipeline.data.subsets import selected_keys
+from pipeline.features.backbones import images_to_tensor, load_model
 from pipeline.features.extract import extract_shard, forward_features, read_column, read_metadata
 from pipeline.features.transforms import fit_pca, load_pca, save_pca
 from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.data.subsets import selected_keys
 from pipeline.features.extract import read_metadata
 from pipeline.index.faiss_index import all_ids, load_index
 from pipeline.layout import JobLayout
