@@ -60,13 +60,13 @@ def job_options(fn):
     return fn
 
 
-def _run(job_yaml, address, num_cpus, sets, no_progress, stages):
+def _run(job_yaml, address, num_cpus, sets, no_progress, until):
     from pipeline.runtime.job import run_job
 
     spec = load_job(job_yaml, _parse_sets(sets))
-    summary = run_job(spec, stages, address=address, num_cpus=num_cpus,
+    summary = run_job(spec, until, address=address, num_cpus=num_cpus,
                       progress=False if no_progress else None)
-    if summary.get("eval_markdown") and (stages is None or "evaluate" in stages):
+    if summary.get("eval_markdown") and until in (None, "evaluate"):
         click.echo("")
         click.echo(summary["eval_markdown"])
     click.echo(f"job {spec.name}: {summary['written']} images indexed, skipped {summary['skipped'] or 0}; "
@@ -84,21 +84,22 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @job_options
-@click.option("--stages", default=None, help=f"Comma-separated subset of: {','.join(STAGES)}.")
+@click.option("--until", type=click.Choice(STAGES), default=None,
+              help="Stop after this stage (default: run every stage).")
 @_one_line_errors
-def run(job_yaml, address, num_cpus, sets, no_progress, stages):
-    """Run a job (all stages, or --stages) described by JOB_YAML."""
-    wanted = [s.strip() for s in stages.split(",")] if stages else None
-    _run(job_yaml, address, num_cpus, sets, no_progress, wanted)
+def run(job_yaml, address, num_cpus, sets, no_progress, until):
+    """Run the job described by JOB_YAML. Finished units are reused: re-running redoes only what
+    is missing, failed, or changed."""
+    _run(job_yaml, address, num_cpus, sets, no_progress, until)
 
 
 def _stage_command(stage: str):
     @job_options
     @_one_line_errors
     def command(job_yaml, address, num_cpus, sets, no_progress):
-        _run(job_yaml, address, num_cpus, sets, no_progress, [stage])
+        _run(job_yaml, address, num_cpus, sets, no_progress, stage)
 
-    command.__doc__ = f"Run the {stage} stage of a job (and re-enter the stages it reads)."
+    command.__doc__ = f"Run a job up to its {stage} stage (same as run --until {stage})."
     return main.command(name=stage)(command)
 
 

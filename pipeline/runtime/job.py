@@ -290,8 +290,6 @@ def stage_evaluate(run: JobRun) -> None:
 
 
 STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}
-# Stages whose state later stages read; they are cheap to re-enter (their units are cached).
-_PREREQS = ["shards", "subset", "train", "transforms", "features", "store"]
 
 
 def write_resolved_spec(spec: JobSpec, layout: JobLayout) -> None:
@@ -303,17 +301,14 @@ def write_resolved_spec(spec: JobSpec, layout: JobLayout) -> None:
     tmp.replace(layout.job_yaml)
 
 
-def run_job(spec: JobSpec, stages: list[str] | None = None, *, address: str | None = None,
+def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = None,
             num_cpus: int | None = None, progress: bool | None = None) -> dict:
-    """Run ``stages`` (default: all) of a validated job; returns the summary written to
-    ``summary.json``. Stages before the requested ones are re-entered to restore their outputs'
-    fingerprints; their finished units are not re-run."""
-    wanted = stages or STAGES
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages are {STAGES}")
-    last = max(STAGES.index(s) for s in wanted)
-    to_run = [s for s in STAGES[: last + 1] if s in wanted or s in _PREREQS]
+    """Run a validated job up to and including stage ``until`` (default: all stages), like make:
+    units already done with the same fingerprint are not run again. Returns the summary written
+    to ``summary.json``."""
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"unknown stage {until!r}; stages are {STAGES}")
+    to_run = STAGES[: STAGES.index(until) + 1] if until else STAGES
     layout = JobLayout(spec.output_dir)
     write_resolved_spec(spec, layout)
     manifest = Manifest(layout.manifest)
