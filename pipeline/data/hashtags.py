@@ -9,6 +9,7 @@ sample metadata and captions so that both sides are compared in the same form.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -33,6 +34,11 @@ def canonicalize(tag: str) -> str:
     """
     if not isinstance(tag, str):
         return ""
+    return _canonicalize_str(tag)
+
+
+@functools.lru_cache(maxsize=1 << 17)  # web tags are Zipf-distributed: most lookups repeat
+def _canonicalize_str(tag: str) -> str:
     folded = unicodedata.normalize("NFKD", tag).casefold()
     # NFKD splits "é" into "e" + a combining accent; the ASCII filter then drops the accent.
     folded = folded.encode("ascii", "ignore").decode("ascii")

@@ -25,6 +25,7 @@ from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_EXTS = ("json", "txt", "cls")
+_TAR_BUFSIZE = 1 << 16  # tarfile's stream reads; its 10 KiB default means many small reads
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's convention for non-sample members
 
 
@@ -97,10 +98,10 @@ class Sample:
     caption: str | None = None  # key.txt
 
 
-def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str], bool] | None = None
-                ) -> Iterator[dict]:
-    """Regular files of a tar, streamed: ``{"fname", "size", "data"}``; ``data`` is None for
-    members ``wanted`` rejects (their bytes are skipped, not read).
+def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
+                ) -> Iterator[tuple[str, str, int, bytes | None]]:
+    """Regular files of a tar, streamed, as (key, extension, size, data); ``data`` is None for
+    members ``wanted(key, ext)`` rejects (their bytes are skipped, not read).
 
     Python's tarfile ends quietly at a truncated header, so the end of the last member is checked
     against the file size (a whole tar ends with two zero blocks); a truncated member or header
@@ -109,17 +110,24 @@ def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str], bool] | Non
     size = fs.size(path)
     end = 0
     try:
-        with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        # Plain buffered open for local files: fsspec's local wrapper costs ~15% of a scan.
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        opener = open(path, "rb") if local else fs.open(path, "rb")
+        with opener as stream, tarfile.open(fileobj=stream, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
             for info in tar:
                 end = info.offset_data + ((info.size + 511) // 512) * 512
                 if not info.isreg() or _META_MEMBER.match(info.name):
                     continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
                 data = None
-                if wanted is None or wanted(info.name):
+                if wanted is None or wanted(prefix, suffix):
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
-                yield {"fname": info.name, "size": info.size, "data": data}
+                yield prefix, suffix, info.size, data
                 tar.members = []  # streaming: keep no index of members
     except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
         stats.problem("truncated_tar", f"{url}: {exn}")
@@ -129,21 +137,18 @@ def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str], bool] | Non
                                         f"(last whole member ends at {end})")
 
 
-def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str], bool] | None = None
+def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
                      ) -> Iterator[dict]:
     """Group a tar's files by key: ``{"__key__": key, "__sizes__": {ext: n}, ext: bytes | None}``."""
     current: dict | None = None
-    for f in _iter_files(url, stats, wanted):
-        prefix, suffix = base_plus_ext(f["fname"])
-        if prefix is None:
-            continue
+    for prefix, suffix, size, data in _iter_files(url, stats, wanted):
         if current is not None and current["__key__"] != prefix:
             yield current
             current = None
         if current is None:
             current = {"__key__": prefix, "__sizes__": {}}
-        current[suffix.lower()] = f["data"]
-        current["__sizes__"][suffix.lower()] = f["size"]
+        current[suffix] = data
+        current["__sizes__"][suffix] = size
     if current is not None:
         yield current
 
@@ -173,14 +178,14 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _member_filter(decode: bool, keys: Container[str] | None) -> Callable[[str], bool]:
-    """Which members to read: metadata always, images only when decoding; only ``keys`` if given."""
+def _member_filter(decode: bool, keys: Container[str] | None, meta_exts: Container[str]
+                   ) -> Callable[[str, str], bool]:
+    """Which members to read: ``meta_exts`` always, images only when decoding; only ``keys``."""
 
-    def wanted(fname: str) -> bool:
-        prefix, suffix = base_plus_ext(fname)
-        if keys is not None and prefix not in keys:
+    def wanted(key: str, ext: str) -> bool:
+        if keys is not None and key not in keys:
             return False
-        return decode or (suffix or "").lower() in META_EXTS
+        return ext in meta_exts or (decode and ext in IMAGE_EXTS)
 
     return wanted
 
@@ -188,10 +193,13 @@ def _member_filter(decode: bool, keys: Container[str] | None) -> Callable[[str],
 def iter_samples(
     url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
     max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
+    meta_exts: Container[str] = META_EXTS,
 ) -> Iterator[Sample]:
     """Samples of one shard, decoded (or metadata only, without reading image bytes), skipping
-    and counting bad ones. With ``keys``, other samples are passed over unread and uncounted."""
-    for raw in iter_raw_samples(url, stats, _member_filter(decode, keys)):
+    and counting bad ones. With ``keys``, other samples are passed over unread and uncounted;
+    metadata members other than ``meta_exts`` are not read (a scan that needs no tags reads
+    only ``cls``)."""
+    for raw in iter_raw_samples(url, stats, _member_filter(decode, keys, meta_exts)):
         key = raw["__key__"]
         if keys is not None and key not in keys:
             continue
@@ -237,7 +245,7 @@ def scan_shard(url: str) -> ShardStats:
     """Decode-free scan (keys and metadata only): ``read`` keys, of which ``read - skipped``
     carry an image and a valid label."""
     stats = ShardStats()
-    for _ in iter_samples(url, stats, decode=False):
+    for _ in iter_samples(url, stats, decode=False, meta_exts=("cls",)):
         pass
     return stats
 

@@ -56,7 +56,9 @@ def scan_shard_candidates(url: str, shard_index: int, rule: SubsetRule, out_path
     stats = ShardStats()
     eligible = 0
     heap: list[tuple[int, str, list, list]] = []  # max-heap via negated hash, bounded to rule.size
-    for sample in iter_samples(url, stats, decode=False):
+    # IG-N-All needs only keys and image presence: json/txt are not even read.
+    meta_exts = ("json", "txt", "cls") if vocab is not None else ("cls",)
+    for sample in iter_samples(url, stats, decode=False, meta_exts=meta_exts):
         tags, classes = [], []
         if vocab is not None:
             tags, classes = vocab.match(extract_tags(sample.meta, sample.caption, rule.tag_field))

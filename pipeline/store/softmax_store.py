@@ -15,11 +15,28 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
+from pipeline.defense.weighting import diversity_weights, entropy_weights
 from pipeline.ids import NO_RESULT, partition
 
 # Value header: 1-byte encoding version, uint16 class count. Old versions stay decodable.
 ENCODING_FLOAT16 = 1
+ENCODING_TOPK = 2
 _HEADER = struct.Struct(">BH")
+ENCODINGS = ("float16", "topk")
+
+# Version 2 ("topk"), after the header (all big-endian):
+#   B  k        entries stored (min(k, C))
+#   B  m        CBW-D M the stored weight was computed with (as requested; capped at C-1 in use)
+#   e  p        CBW-D P (float16; 3.0 is exact)
+#   e  w_e      CBW-E weight of the full vector (float16)
+#   e  w_d      CBW-D weight of the full vector for (m, p) (float16)
+#   e  residual mass outside the top k (float16)
+#   k x 3 bytes entries, probability-descending: 24-bit word = class << qb | q, with
+#               ib = bits for C - 1 (10 for 1000 classes), qb = 24 - ib (14), and the
+#               probability linear-quantised: q = round(s * (2^qb - 1)).
+# 13 + 3k bytes: k = 16 gives 61 bytes for any C <= 65535 (1000 classes: 14-bit probabilities).
+_TOPK = struct.Struct(">BBeeee")
+TOPK_DEFAULT_K = 16
 
 
 def id_key(i: int) -> bytes:
@@ -31,20 +48,145 @@ def encode_float16(softmax: np.ndarray) -> bytes:
     return _HEADER.pack(ENCODING_FLOAT16, v.shape[-1]) + v.tobytes()
 
 
+def _topk_bits(num_classes: int) -> tuple[int, int]:
+    """(index bits, probability bits) of one 24-bit top-k entry."""
+    ib = max(1, (num_classes - 1).bit_length())
+    return ib, 24 - ib
+
+
+def _check_topk_options(num_classes: int, k: int, m: int, p: float) -> None:
+    if not 1 <= num_classes <= 0xFFFF:
+        raise ValueError(f"topk encoding needs 1..65535 classes, got {num_classes}")
+    if not 1 <= k <= 255:
+        raise ValueError(f"topk encoding needs 1 <= k <= 255, got {k}")
+    if not 1 <= m <= 255:
+        raise ValueError(f"CBW-D m must be in [1, 255] to be stored, got {m}")
+    if float(np.float16(p)) != float(p):
+        raise ValueError(f"CBW-D p={p} is not exactly representable as float16; use e.g. 3.0")
+
+
+def encode_topk_many(softmax: np.ndarray, k: int = TOPK_DEFAULT_K, m: int = 20, p: float = 3.0
+                     ) -> list[bytes]:
+    """Version-2 values of a batch [n, C] of softmax vectors (vectorised; see the layout above).
+    The CBW-E / CBW-D weights are computed here from the full vectors, since they need them."""
+    s = np.asarray(softmax, np.float64)
+    if s.ndim == 1:
+        s = s[None]
+    n, num_classes = s.shape
+    _check_topk_options(num_classes, k, m, p)
+    ke = min(k, num_classes)
+    ib, qb = _topk_bits(num_classes)
+    qmax = (1 << qb) - 1
+    order = np.argsort(-s, axis=-1, kind="stable")[:, :ke]  # descending, ties -> lower index
+    top = np.take_along_axis(s, order, -1)
+    q = np.clip(np.rint(np.clip(top, 0.0, 1.0) * qmax), 0, qmax).astype(np.uint32)
+    words = (order.astype(np.uint32) << qb) | q
+    entries = np.stack([(words >> 16) & 0xFF, (words >> 8) & 0xFF, words & 0xFF], -1).astype(np.uint8)
+    residual = np.clip(s.sum(-1) - top.sum(-1), 0.0, None)
+    w_e, w_d = entropy_weights(s), diversity_weights(s, m, p)
+    head = _HEADER.pack(ENCODING_TOPK, num_classes)
+    return [head + _TOPK.pack(ke, m, p, w_e[i], w_d[i], residual[i]) + entries[i].tobytes()
+            for i in range(n)]
+
+
+def encode(softmax: np.ndarray, encoding: str = "float16", k: int = TOPK_DEFAULT_K, m: int = 20,
+           p: float = 3.0) -> bytes:
+    """One store value. ``float16``: the whole vector (3 + 2C bytes, version 1). ``topk``: the k
+    largest probabilities, the residual mass and the precomputed CBW-E / CBW-D(m, p) weights
+    (13 + 3k bytes, version 2). ``k``, ``m`` and ``p`` only apply to ``topk``."""
+    if encoding == "float16":
+        return encode_float16(softmax)
+    if encoding == "topk":
+        s = np.asarray(softmax)
+        if s.ndim != 1:
+            raise ValueError(f"encode takes one softmax vector, got shape {s.shape}; "
+                             "use encode_many for a batch")
+        return encode_topk_many(s, k, m, p)[0]
+    raise ValueError(f"unknown softmax encoding {encoding!r}; use one of {ENCODINGS}")
+
+
+def encode_many(softmax: np.ndarray, encoding: str = "float16", **options) -> list[bytes]:
+    """Values of a batch [n, C] of softmax vectors."""
+    if encoding == "float16":
+        if options:
+            raise ValueError(f"float16 encoding takes no options, got {sorted(options)}")
+        return [encode_float16(s) for s in np.asarray(softmax)]
+    if encoding == "topk":
+        return encode_topk_many(softmax, **options)
+    raise ValueError(f"unknown softmax encoding {encoding!r}; use one of {ENCODINGS}")
+
+
+def _unknown_version(version: int) -> ValueError:
+    return ValueError(f"unknown softmax encoding version {version}; upgrade knn-defense")
+
+
+def _decode_topk(value: bytes, num_classes: int) -> tuple[np.ndarray, int, float, float, float]:
+    """(dense vector, m, p, w_e, w_d) of a version-2 value."""
+    start = _HEADER.size + _TOPK.size
+    if len(value) < start:
+        raise ValueError(f"truncated topk softmax value ({len(value)} bytes)")
+    ke, m, p, w_e, w_d, residual = _TOPK.unpack_from(value, _HEADER.size)
+    if len(value) != start + 3 * ke or ke > num_classes:
+        raise ValueError(f"corrupt topk softmax value: {len(value)} bytes for k={ke}, "
+                         f"{num_classes} classes")
+    ib, qb = _topk_bits(num_classes)
+    b = np.frombuffer(value, np.uint8, offset=start).reshape(ke, 3).astype(np.uint32)
+    words = (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
+    idx, q = words >> qb, words & ((1 << qb) - 1)
+    if ke and idx.max() >= num_classes:
+        raise ValueError(f"corrupt topk softmax value: class {idx.max()} >= {num_classes}")
+    rest = num_classes - ke
+    out = np.full(num_classes, residual / rest if rest else 0.0, np.float32)
+    out[idx] = q / float((1 << qb) - 1)
+    return out, m, p, w_e, w_d
+
+
 def decode(value: bytes) -> np.ndarray:
+    """Dense float32 softmax of a value of any known version (topk: the residual mass is spread
+    uniformly over the classes outside the top k)."""
     version, num_classes = _HEADER.unpack_from(value)
     if version == ENCODING_FLOAT16:
         return np.frombuffer(value, dtype="<f2", offset=_HEADER.size, count=num_classes).astype(np.float32)
-    raise ValueError(f"unknown softmax encoding version {version}; upgrade knn-defense")
+    if version == ENCODING_TOPK:
+        return _decode_topk(value, num_classes)[0]
+    raise _unknown_version(version)
+
+
+def value_version(value: bytes) -> int:
+    return _HEADER.unpack_from(value)[0]
+
+
+def decode_with_weights(value: bytes, m: int = 20, p: float = 3.0
+                        ) -> tuple[np.ndarray, float, float]:
+    """(dense vector, CBW-E weight, CBW-D weight). topk values carry weights computed from the
+    full vector; asking for a CBW-D (m, p) other than the stored one raises ValueError. float16
+    values have the whole vector, so their weights are computed here for any (m, p)."""
+    version, num_classes = _HEADER.unpack_from(value)
+    if version == ENCODING_FLOAT16:
+        s = decode(value)
+        return s, float(entropy_weights(s)), float(diversity_weights(s, m, p))
+    if version == ENCODING_TOPK:
+        s, m_stored, p_stored, w_e, w_d = _decode_topk(value, num_classes)
+        cap = num_classes - 1
+        if min(m, cap) != min(m_stored, cap) or float(p) != p_stored:
+            raise ValueError(f"softmax store holds CBW-D weights for m={m_stored}, p={p_stored}; "
+                             f"asked for m={m}, p={p}: rebuild the store with these values or "
+                             "use evaluate.cbw_d m/p matching the store")
+        return s, float(w_e), float(w_d)
+    raise _unknown_version(version)
 
 
 def partition_dir(store_dir: str | os.PathLike, p: int) -> Path:
     return Path(store_dir) / f"part-{p:03d}"
 
 
-def write_partition(store_dir: str | os.PathLike, p: int, rows) -> int:
+def write_partition(store_dir: str | os.PathLike, p: int, rows, encoding: str = "float16",
+                    **encoding_options) -> int:
     """Write partition ``p`` from an iterable of (ids [n], softmax [n, C]) chunks; returns count.
+    Values use ``encoding`` (float16 | topk, options as :func:`encode`).
     Written into ``part-PPP.tmp`` and renamed, so a crash leaves no half-written partition."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown softmax encoding {encoding!r}; use one of {ENCODINGS}")
     final = partition_dir(store_dir, p)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,8 +196,9 @@ def write_partition(store_dir: str | os.PathLike, p: int, rows) -> int:
     try:
         for ids, softmax in rows:
             with db.write_batch(sync=False) as wb:
-                for i, s in zip(ids.tolist(), softmax, strict=True):
-                    wb.put(id_key(i), encode_float16(s))
+                values = encode_many(softmax, encoding, **encoding_options)
+                for i, v in zip(np.asarray(ids).tolist(), values, strict=True):
+                    wb.put(id_key(i), v)
             count += len(ids)
     finally:
         db.close()
@@ -78,27 +221,42 @@ class SoftmaxStore:
                 raise FileNotFoundError(f"{path}: store partition missing; run the store stage")
             self._dbs.append(plyvel.DB(str(path), create_if_missing=False))
 
-    def get_many(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax vectors for an id array of any shape -> (values [..., C], found mask [...]).
-        Id -1 (FAISS's "no result") gives a zero vector and found=False; an id absent from a
-        store is a broken database and raises KeyError."""
+    def get_many(self, ids: np.ndarray, with_weights: bool = False, m: int = 20, p: float = 3.0):
+        """Softmax vectors for an id array of any shape -> (values [..., C], found mask [...]),
+        plus, with ``with_weights``, weights [..., 2] = (CBW-E, CBW-D(m, p)): stored ones for
+        topk values (ValueError when stored for another (m, p)), computed from the vector for
+        float16 values. Id -1 (FAISS's "no result") gives a zero vector, zero weights and
+        found=False; an id absent from a store is a broken database and raises KeyError."""
         flat = np.asarray(ids, np.int64).reshape(-1)
         parts = partition(np.where(flat == NO_RESULT, 0, flat), self.num_partitions)
-        rows, found = [], flat != NO_RESULT
-        for i, p, ok in zip(flat.tolist(), parts.tolist(), found.tolist(), strict=True):
+        rows, weights, found = [], [], flat != NO_RESULT
+        for i, part, ok in zip(flat.tolist(), parts.tolist(), found.tolist(), strict=True):
             if not ok:
                 rows.append(None)
+                weights.append((0.0, 0.0))
                 continue
-            value = self._dbs[p].get(id_key(i))
+            value = self._dbs[part].get(id_key(i))
             if value is None:
-                raise KeyError(f"id {i} not in softmax store {self.store_dir} (partition {p})")
-            rows.append(decode(value))
+                raise KeyError(f"id {i} not in softmax store {self.store_dir} (partition {part})")
+            if with_weights:
+                s, w_e, w_d = decode_with_weights(value, m, p)
+                rows.append(s)
+                weights.append((w_e, w_d))
+            else:
+                rows.append(decode(value))
         num_classes = next((len(r) for r in rows if r is not None), 0)
         out = np.zeros((len(rows), num_classes), np.float32)
         for j, r in enumerate(rows):
             if r is not None:
+                if len(r) != num_classes:
+                    raise ValueError(f"softmax store {self.store_dir} mixes class counts "
+                                     f"({len(r)} and {num_classes})")
                 out[j] = r
-        return out.reshape(*np.shape(ids), num_classes), found.reshape(np.shape(ids))
+        shape = np.shape(ids)
+        result = (out.reshape(*shape, num_classes), found.reshape(shape))
+        if with_weights:
+            result += (np.asarray(weights, np.float64).reshape(*shape, 2),)
+        return result
 
     def iter_ids(self):
         for db in self._dbs:

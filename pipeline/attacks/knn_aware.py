@@ -1,0 +1,252 @@
+"""Defense-aware (white-box) attacks on the kNN defense.
+
+From the paper (Dubey et al., Sec. 5.3):
+- PGD-PR: PGD on a differentiable surrogate of the kNN vote over the query's *initial* K
+  neighbours (a fixed set), with softmax weights over negative feature distances.
+- PGD-FS: PGD pulling the image's features towards features of attack-database images of
+  another (target) class.
+
+Beyond the paper, :func:`soft_knn_margin_attack` is an adaptive attack in the style of
+Sitawarin & Wagner's attacks on kNN classifiers ("On the Robustness of Deep K-Nearest
+Neighbors", 2019; "Minimum-Norm Adversarial Examples on KNN and KNN-Based Models", 2020): it
+re-finds the neighbours at every step, so the surrogate follows the neighbour set the defense
+will actually use, optimises a margin rather than a cross-entropy, and keeps the best iterate
+under the real (hard) vote.
+
+Every attack takes images in [0, 1] and a per-image normalised L2 budget and returns images
+inside {||x* - x|| <= budget * ||x||} ∩ [0, 1], enforced by the exact projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.attacks.gradient import batch_view, l2_unit
+from pipeline.attacks.projection import budget_eps, project_l2_box
+from pipeline.features.backbones import pool
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_feature_fn(model: nn.Module, layer: str, pca_mean: np.ndarray | torch.Tensor,
+                    pca_components: np.ndarray | torch.Tensor, pooling: str = "avg") -> FeatureFn:
+    """Differentiable kNN features: PCA(pool(pre-ReLU tap)) = (pooled - mean) @ components.T,
+    in torch so gradients reach the pixels. ``model`` must have ``forward_taps`` (SmallResNet)."""
+    mean = torch.as_tensor(pca_mean, dtype=torch.float32)
+    comps = torch.as_tensor(pca_components, dtype=torch.float32)
+
+    def feature_fn(x: torch.Tensor) -> torch.Tensor:
+        _, taps = model.forward_taps(x, [layer])
+        return (pool(taps[layer], pooling) - mean.to(x.device)) @ comps.to(x.device).T
+
+    return feature_fn
+
+
+def feature_fn_for(defended, layer: str | None = None) -> FeatureFn:
+    """:func:`make_feature_fn` for a ``DefendedClassifier`` (its model, PCA and pooling)."""
+    layer = layer or defended.layer
+    pca = defended.transforms[layer]
+    return make_feature_fn(defended.model, layer, pca.mean, pca.components, defended.pooling)
+
+
+def nearest(features: torch.Tensor, db_feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [N, k] of the k nearest database rows (exact Euclidean; the DB is small here)."""
+    k = min(k, len(db_feats))
+    return torch.cdist(features, db_feats).topk(k, dim=1, largest=False).indices
+
+
+def soft_knn_scores(features: torch.Tensor, db_features: torch.Tensor, db_softmax: torch.Tensor,
+                    gamma: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable kNN vote [N, C] over a fixed neighbour set.
+
+    features [N, D]; db_features [N, K, D] (each query's neighbours) or [K, D] (shared);
+    db_softmax [N, K, C] or [K, C]; optional per-neighbour CBW weights [N, K] or [K].
+    Neighbour k gets attention softmax_k(-d_k / (gamma * mean_j d_j)) * w_k (renormalised), with
+    d_k the squared Euclidean feature distance. Dividing by the mean distance (held constant
+    for the gradient) makes gamma scale-free: raw distances depend on the layer and the PCA, and
+    gamma = 0.05 on them would give a hard argmin on one layer and a uniform vote on another.
+    Scores sum to 1 because each neighbour's softmax does.
+    """
+    n = len(features)
+    if db_features.dim() == 2:
+        db_features = db_features.expand(n, -1, -1)
+    if db_softmax.dim() == 2:
+        db_softmax = db_softmax.expand(n, -1, -1)
+    d = (features[:, None, :] - db_features).pow(2).sum(-1)  # [N, K]
+    scale = d.mean(1, keepdim=True).detach().clamp_min(1e-12)
+    logits = -d / (scale * gamma)
+    if weights is not None:
+        # softmax(logits + log w) = softmax(logits) * w renormalised, without underflow.
+        logits = logits + weights.expand(n, -1).clamp_min(1e-30).log()
+    attention = logits.softmax(dim=1)
+    return torch.einsum("nk,nkc->nc", attention, db_softmax)
+
+
+def hard_knn_scores(db_softmax: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The defense's vote [N, C] = sum_k w_k s_k (normalised) over neighbours [N, K, C]."""
+    w = torch.ones(db_softmax.shape[:2], dtype=db_softmax.dtype, device=db_softmax.device)
+    if weights is not None:
+        w = w * weights
+    scores = torch.einsum("nk,nkc->nc", w, db_softmax)
+    return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def score_margin(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{c != y} score_c - score_y per row (positive = the vote is wrong)."""
+    true = scores.gather(1, y[:, None]).squeeze(1)
+    other = scores.scatter(1, y[:, None], float("-inf")).amax(1)
+    return other - true
+
+
+def initial_neighbours(feature_fn: FeatureFn, x: torch.Tensor, db_feats: torch.Tensor,
+                       db_softmax: torch.Tensor, k: int = 50,
+                       db_weights: torch.Tensor | None = None):
+    """The clean query's K nearest DB rows: (features [N,K,D], softmax [N,K,C], weights [N,K]
+    or None), i.e. PGD-PR's fixed neighbour set when the DB fits in memory."""
+    with torch.no_grad():
+        idx = nearest(feature_fn(x), db_feats, k)
+    return db_feats[idx], db_softmax[idx], None if db_weights is None else db_weights[idx]
+
+
+def _check_eval(model: nn.Module | None) -> None:
+    # BatchNorm in training mode makes each image's features depend on the rest of the batch.
+    if model is not None and model.training:
+        raise ValueError("put the model in eval mode before attacking it")
+
+
+def pgd_pr(model: nn.Module | None, feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor,
+           neighbour_feats: torch.Tensor, neighbour_softmax: torch.Tensor, budget: float,
+           steps: int = 10, gamma: float = 0.05, step_size: float | None = None,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """PGD-PR: L2 PGD maximising -log p_y of :func:`soft_knn_scores` over the query's initial
+    K neighbours (``neighbour_feats`` [N, K, D], ``neighbour_softmax`` [N, K, C]; see
+    :func:`initial_neighbours`), which stay fixed while the image moves.
+
+    ``model`` is the network inside ``feature_fn``; it is only checked to be in eval mode.
+    Steps are ``step_size * eps`` (default 2.5 / steps, as :func:`pgd_l2`).
+    """
+    _check_eval(model)
+    eps = budget_eps(x, budget)
+    alpha = (step_size if step_size is not None else 2.5 / steps) * eps
+    view = batch_view(x)
+    x_adv = x.detach().clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            scores = soft_knn_scores(feature_fn(x_adv), neighbour_feats, neighbour_softmax, gamma,
+                                     weights)
+            loss = -scores.gather(1, y[:, None]).clamp_min(1e-12).log().sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = project_l2_box(x_adv.detach() + alpha.view(view) * l2_unit(grad), x, eps)
+    return x_adv.detach()
+
+
+def choose_targets(attack_db_feats: torch.Tensor, attack_db_labels: torch.Tensor,
+                   query_feats: torch.Tensor, y: torch.Tensor, m: int,
+                   generator: torch.Generator | None = None, strategy: str = "nearest"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD-FS targets: per query a class != y and the features [N, m, D] of its m attack-DB
+    images nearest to the query.
+
+    ``strategy="nearest"``: the class of the nearest attack-DB image with another label (the
+    easiest class to reach). ``"random"``: a uniformly random other class present in the attack
+    DB, drawn with ``generator``.
+    """
+    labels = attack_db_labels.to(y.device)
+    d = torch.cdist(query_feats, attack_db_feats)  # [N, M]
+    if strategy == "nearest":
+        target = labels[d.masked_fill(labels[None, :] == y[:, None], float("inf")).argmin(1)]
+    elif strategy == "random":
+        classes = labels.unique()
+        draw = torch.rand(len(y), len(classes), generator=generator).to(d.device)
+        draw = draw.masked_fill(classes[None, :] == y[:, None], -1.0)
+        target = classes[draw.argmax(1)]
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; use nearest or random")
+    in_target = labels[None, :] == target[:, None]
+    short = in_target.sum(1) < m
+    if short.any():
+        raise ValueError(f"attack database has fewer than m={m} images of target class(es) "
+                         f"{sorted(set(target[short].tolist()))}")
+    idx = d.masked_fill(~in_target, float("inf")).topk(m, dim=1, largest=False).indices
+    return target, attack_db_feats[idx]
+
+
+def pgd_fs(feature_fn: FeatureFn, x: torch.Tensor, target_feats: torch.Tensor, budget: float,
+           steps: int = 10, step_size: float | None = None) -> torch.Tensor:
+    """PGD-FS: L2 PGD minimising mean_m ||f(x*) - t_m||^2 towards ``target_feats`` [N, M, D]
+    (see :func:`choose_targets`). Returns the iterate with the smallest distance per image, as
+    fixed-length normalised steps can overshoot the minimum near the end."""
+    eps = budget_eps(x, budget)
+    alpha = (step_size if step_size is not None else 2.5 / steps) * eps
+    view = batch_view(x)
+    x_adv = x.detach().clone()
+    best, best_loss = x_adv.clone(), torch.full((len(x),), float("inf"), device=x.device)
+    for i in range(steps + 1):
+        x_adv.requires_grad_(i < steps)
+        with torch.enable_grad():
+            loss = (feature_fn(x_adv)[:, None, :] - target_feats).pow(2).sum(-1).mean(1)
+            grad = torch.autograd.grad(loss.sum(), x_adv)[0] if i < steps else None
+        with torch.no_grad():
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best = torch.where(better.view(view), x_adv, best)
+        if grad is not None:
+            x_adv = project_l2_box(x_adv.detach() - alpha.view(view) * l2_unit(grad), x, eps)
+    return best.detach()
+
+
+def soft_knn_margin_attack(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor,
+                           db_feats: torch.Tensor, db_softmax: torch.Tensor, budget: float,
+                           steps: int = 50, k: int = 50, temperature: float = 0.1,
+                           step_size: float | None = None, db_weights: torch.Tensor | None = None,
+                           random_start: bool = False, generator: torch.Generator | None = None
+                           ) -> torch.Tensor:
+    """Adaptive attack on the kNN vote, in the style of Sitawarin & Wagner's kNN attacks.
+
+    At every step: re-find the K nearest (attack-)database rows of the current features
+    (``db_feats`` [M, D], ``db_softmax`` [M, C], optional CBW weights ``db_weights`` [M]),
+    form the temperature-weighted soft vote over them (:func:`soft_knn_scores`) and ascend the
+    margin max_{c != y} score_c - score_y. Against PGD-PR this tracks the neighbour set the
+    defense will really use, and the margin does not saturate once p_y is small.
+
+    The step starts at ``step_size * eps`` (default 5 / steps, i.e. large exploratory moves)
+    and decays with a cosine schedule to ~0, so late steps refine. The result is, per image,
+    the iterate (the clean image included) with the largest *hard* vote margin over its
+    neighbours, ties broken by the soft margin: never less adversarial than the input.
+    """
+    eps = budget_eps(x, budget)
+    alpha0 = (step_size if step_size is not None else 5.0 / steps) * eps
+    view = batch_view(x)
+    x_adv = x.detach().clone()
+    if random_start:
+        noise = l2_unit(torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))
+        radius = torch.rand(len(x), generator=generator, dtype=x.dtype).to(x.device) * eps
+        x_adv = project_l2_box(x + noise * radius.view(view), x, eps)
+    best = x_adv.clone()
+    best_hard = torch.full((len(x),), float("-inf"), device=x.device)
+    best_soft = best_hard.clone()
+    for i in range(steps + 1):
+        x_adv.requires_grad_(i < steps)
+        with torch.enable_grad():
+            feats = feature_fn(x_adv)
+            idx = nearest(feats.detach(), db_feats, k)  # the neighbours the defense would use now
+            w = None if db_weights is None else db_weights[idx]
+            soft = score_margin(soft_knn_scores(feats, db_feats[idx], db_softmax[idx],
+                                                temperature, w), y)
+            grad = torch.autograd.grad(soft.sum(), x_adv)[0] if i < steps else None
+        with torch.no_grad():
+            hard = score_margin(hard_knn_scores(db_softmax[idx], w), y)
+            better = (hard > best_hard) | ((hard == best_hard) & (soft > best_soft))
+            best_hard = torch.where(better, hard, best_hard)
+            best_soft = torch.where(better, soft, best_soft)
+            best = torch.where(better.view(view), x_adv, best)
+        if grad is not None:
+            alpha = alpha0 * 0.5 * (1 + math.cos(math.pi * i / steps))
+            x_adv = project_l2_box(x_adv.detach() + alpha.view(view) * l2_unit(grad), x, eps)
+    return best.detach()
