@@ -18,6 +18,7 @@ from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
+import orjson
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
@@ -207,7 +208,7 @@ def iter_samples(
         meta = {}
         if raw.get("json") is not None:
             try:
-                meta = json.loads(raw["json"])
+                meta = orjson.loads(raw["json"])  # ~3x json.loads: metadata scans are per sample
             except ValueError as exn:
                 stats.problem("bad_json", f"{key}: {exn}")
         label = None
