@@ -100,3 +100,16 @@ def test_nested_subsets_applied_at_index_reuse_features(shards, ray_local):
     want = np.sort([id_of[k] for k in small if k in id_of])
     assert all(np.array_equal(g, want) for g in small_ids)
     assert summary["verify"]["keys"] == len(want)
+
+
+@pytest.mark.slow
+def test_targeted_subset_without_enough_matches_fails_the_stage_cleanly(shards, ray_local):
+    from pipeline.runtime.ray_runner import StageFailed
+
+    spec = _spec(shards, "nomatch", {"kind": "targeted", "size": 10})
+    with pytest.raises(StageFailed, match="only 0 samples carry a vocabulary hashtag"):
+        run_job(spec, "verify")
+    manifest = Manifest(JobLayout(spec.output_dir).manifest)
+    assert manifest.counts("subset") == {"failed": 1}
+    assert not JobLayout(spec.output_dir).features_dir.exists()  # nothing after the subset ran
+    manifest.close()

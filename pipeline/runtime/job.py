@@ -25,7 +25,7 @@ from pipeline.ids import MAX_SHARDS, partition_of_shard
 from pipeline.layout import JobLayout, read_json, write_json
 from pipeline.runtime import tasks
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.ray_runner import Unit, cluster_resources, ray_session, run_units
+from pipeline.runtime.ray_runner import StageFailed, Unit, cluster_resources, ray_session, run_units
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def stage_shards(run: JobRun) -> None:
         fp = fingerprint(urls)
         run.run("shards", [Unit(f"{i:05d}", tasks.scan_task, (u,)) for i, u in enumerate(urls)], fp,
                 desc="scan shards")
-        counts = dict(run.manifest.unit_counts("shards"))
+        counts = dict(run.manifest.unit_counts("shards", fp))
         table = [{"shard_index": i, "url": u, "num_keys": counts[f"{i:05d}"]["num_keys"],
                   "num_samples": counts[f"{i:05d}"]["num_samples"]} for i, u in enumerate(urls)]
         tmp = path.with_name(path.name + ".tmp")
@@ -121,7 +121,7 @@ def run_subset(manifest: Manifest, rule, urls: list[str], out_dir, *, allow_smal
              for i, u, c in zip(shard_indexes, urls, candidates, strict=True)]
     run_units(manifest, "subset.scan", units, fp, progress=progress, max_retries=max_retries,
               desc=f"subset scan ({rule.kind}, N={rule.size})")
-    counts = [c for _, c in manifest.unit_counts("subset.scan")]
+    counts = [c for _, c in manifest.unit_counts("subset.scan", fp)]
     return finish_subset(rule, candidates, out_dir, counts, allow_smaller)
 
 
@@ -142,11 +142,17 @@ def stage_subset(run: JobRun) -> None:
     fp = fingerprint([s["url"] for s in run.state["shards"]], rule, spec.subset.allow_smaller)
     summary_path = layout.subset_dir / "summary.json"
     if not (run.manifest.is_done("subset", "merge", fp) and layout.subset_manifest.is_file()):
+        from pipeline.data.subsets import NotEnoughSamples
+
         run.manifest.mark_running("subset", ["merge"], fp)
-        summary = run_subset(run.manifest, rule, [s["url"] for s in run.state["shards"]],
-                             layout.subset_dir, allow_smaller=spec.subset.allow_smaller,
-                             progress=run.progress, max_retries=run.retries,
-                             shard_indexes=[s["shard_index"] for s in run.state["shards"]])
+        try:
+            summary = run_subset(run.manifest, rule, [s["url"] for s in run.state["shards"]],
+                                 layout.subset_dir, allow_smaller=spec.subset.allow_smaller,
+                                 progress=run.progress, max_retries=run.retries,
+                                 shard_indexes=[s["shard_index"] for s in run.state["shards"]])
+        except NotEnoughSamples as err:
+            run.manifest.mark_failed("subset", "merge", str(err))
+            raise StageFailed(f"stage subset: {err}") from None
         run.manifest.mark_done("subset", "merge", {k: summary[k] for k in ("selected", "scanned")})
     summary = read_json(summary_path)
     run.state.update(subset_manifest=str(layout.subset_manifest), subset_fp=fp,
@@ -259,7 +265,7 @@ def stage_store(run: JobRun) -> None:
              for p, files in groups.items()]
     results = run.run("store", units, fp, desc="store")
     if results or not layout.store_info.is_file():
-        counts = dict(run.manifest.unit_counts("store"))
+        counts = dict(run.manifest.unit_counts("store", fp))
         write_json(layout.store_info, {"partitions": num_parts, "encoding": spec.store.encoding,
                                        "count": sum(c["written"] for c in counts.values()),
                                        "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
@@ -333,7 +339,7 @@ def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = No
 def build_summary(run: JobRun) -> dict:
     skipped: dict[str, int] = {}
     written = read = 0
-    for _, counts in run.manifest.unit_counts("features"):
+    for _, counts in run.manifest.unit_counts("features", run.state.get("features_fp")):
         read += counts.get("read", 0)
         written += counts.get("written", 0)
         for reason, n in counts.get("skipped", {}).items():

@@ -76,10 +76,14 @@ class Manifest:
         rows = self._db.execute("SELECT state, COUNT(*) FROM units WHERE stage=? GROUP BY state", (stage,))
         return dict(rows.fetchall())
 
-    def unit_counts(self, stage: str):
-        """(unit, counts dict) of done units, streamed."""
-        for unit, counts in self._db.execute(
-                "SELECT unit, counts FROM units WHERE stage=? AND state='done' ORDER BY unit", (stage,)):
+    def unit_counts(self, stage: str, fingerprint: str | None = None):
+        """(unit, counts dict) of done units (with this fingerprint, if given), streamed."""
+        query = "SELECT unit, counts FROM units WHERE stage=? AND state='done'"
+        args: tuple = (stage,)
+        if fingerprint is not None:
+            query += " AND fingerprint=?"
+            args += (fingerprint,)
+        for unit, counts in self._db.execute(query + " ORDER BY unit", args):
             yield unit, json.loads(counts or "{}")
 
     def failures(self, stage: str | None = None) -> list[tuple[str, str, str]]:
