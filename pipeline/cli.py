@@ -224,6 +224,25 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
 
 
 @main.command()
+@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False),
+              help="A finished job folder.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Bind address (loopback by default; put a proxy in front for remote clients).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-request-mb", default=32, show_default=True, help="Request body limit.")
+@click.option("--max-images", default=64, show_default=True, help="Images per request.")
+@click.option("--batch-window-ms", default=5.0, show_default=True,
+              help="How long concurrent requests are collected into one batch.")
+@_one_line_errors
+def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms):
+    """HTTP query service: POST /classify, GET /healthz, GET /info."""
+    from pipeline.serve.app import serve as run_server
+
+    run_server(job_dir, host, port, max_request_bytes=max_request_mb << 20,
+               max_images_per_request=max_images, batch_window_ms=batch_window_ms)
+
+
+@main.command()
 @click.argument("job_dir", type=click.Path(file_okay=False))
 @_one_line_errors
 def status(job_dir):

@@ -120,7 +120,10 @@ class IndexSpec(_Strict):
 
 class StoreSpec(_Strict):
     partitions: Annotated[int, Field(gt=0, le=4096)] = 2
-    encoding: Literal["float16"] = "float16"
+    # float16: the whole vector (2 + 2C bytes); topk: top-k classes + residual mass + the
+    # precomputed CBW-E/CBW-D weights (13 + 3k bytes: 61 for k=16), see README.
+    encoding: Literal["float16", "topk"] = "float16"
+    topk: Annotated[int, Field(ge=1, le=255)] = 16
 
 
 class PgdAttack(_Strict):

@@ -160,3 +160,27 @@ def test_crash_mid_shard_leaves_no_output(tmp_path):
                           channels=1, size=None, max_pixels=10**8, provenance={})
     assert not out.exists()
     assert not out.with_name(out.name + ".tmp").exists()
+
+
+@pytest.mark.slow
+def test_compact_topk_store_keeps_decisions(finished_job):
+    """Last in this file: rebuilds the shared job's store with the compact encoding."""
+    spec, layout, _, (images, _) = finished_job
+    full = DefendedClassifier.from_job(layout.root)
+    _, by_layer = full.neighbours_all_layers(images[:60, ..., None])
+    want = {rule: full.vote(by_layer["conv_4_2"], rule)[0] for rule in ("uw", "cbw_e", "cbw_d")}
+    full.store.close()
+    spec.store.encoding, spec.store.topk = "topk", 3  # 3 of 10 classes + residual: 22 bytes
+    run_job(spec)  # store, verify and evaluate run again; features and index are reused
+    compact = DefendedClassifier.from_job(layout.root)
+    try:
+        assert compact.stored_weights
+        _, by_layer = compact.neighbours_all_layers(images[:60, ..., None])
+        assert by_layer["conv_4_2"].weights.shape == (60, 10, 2)
+        for rule, labels in want.items():
+            agree = (compact.vote(by_layer["conv_4_2"], rule)[0] == labels).mean()
+            assert agree >= 0.95, (rule, agree)
+    finally:
+        compact.store.close()
+    value_sizes = {len(v) for v in __import__("plyvel").DB(str(layout.store_dir / "part-000")).iterator(include_key=False)}
+    assert value_sizes == {13 + 3 * 3}

@@ -9,9 +9,9 @@ From the paper (Dubey et al., Sec. 5.3):
 Beyond the paper, :func:`soft_knn_margin_attack` is an adaptive attack in the style of
 Sitawarin & Wagner's attacks on kNN classifiers ("On the Robustness of Deep K-Nearest
 Neighbors", 2019; "Minimum-Norm Adversarial Examples on KNN and KNN-Based Models", 2020): it
-re-finds the neighbours at every step, so the surrogate follows the neighbour set the defense
-will actually use, optimises a margin rather than a cross-entropy, and keeps the best iterate
-under the real (hard) vote.
+re-finds the neighbours at every step, relaxes the neighbour *set* with a sigmoid around the
+k-th distance (so other-class images just outside it pull), optimises a margin rather than a
+cross-entropy, and keeps the best iterate under the real (hard) vote.
 
 Every attack takes images in [0, 1] and a per-image normalised L2 budget and returns images
 inside {||x* - x|| <= budget * ||x||} ∩ [0, 1], enforced by the exact projection.
@@ -201,27 +201,54 @@ def pgd_fs(feature_fn: FeatureFn, x: torch.Tensor, target_feats: torch.Tensor, b
     return best.detach()
 
 
+def soft_threshold_scores(features: torch.Tensor, cand_feats: torch.Tensor,
+                          cand_softmax: torch.Tensor, k: int, temperature: float,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable kNN vote [N, C] with a *soft neighbour set* (Sitawarin & Wagner, 2019).
+
+    cand_feats [N, J, D] / cand_softmax [N, J, C] are each query's J > k nearest candidates.
+    Candidate j belongs to the neighbour set with soft membership
+    sigmoid((r - d_j) / (temperature * mean_i d_i)), r halfway between the k-th and (k+1)-th
+    squared distances (held constant), so the gradient pushes true-class neighbours out of the
+    ball *and* pulls other-class candidates just outside it in; a softmax over the current K
+    only re-weights neighbours that are often all of the true class (a masked gradient).
+    The mean distance again makes ``temperature`` scale-free.
+    """
+    d = (features[:, None, :] - cand_feats).pow(2).sum(-1)  # [N, J]
+    ds = d.detach().sort(dim=1).values
+    r = (ds[:, k - 1] + ds[:, min(k, ds.shape[1] - 1)]) / 2
+    scale = ds.mean(1).clamp_min(1e-12)
+    member = torch.sigmoid((r[:, None] - d) / (temperature * scale[:, None]))
+    if weights is not None:
+        member = member * weights
+    scores = torch.einsum("nj,njc->nc", member, cand_softmax)
+    return scores / member.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def soft_knn_margin_attack(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor,
                            db_feats: torch.Tensor, db_softmax: torch.Tensor, budget: float,
-                           steps: int = 50, k: int = 50, temperature: float = 0.1,
-                           step_size: float | None = None, db_weights: torch.Tensor | None = None,
-                           random_start: bool = False, generator: torch.Generator | None = None
-                           ) -> torch.Tensor:
+                           steps: int = 50, k: int = 50, temperature: float = 1.0,
+                           candidates: int | None = None, step_size: float | None = None,
+                           db_weights: torch.Tensor | None = None, random_start: bool = False,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
     """Adaptive attack on the kNN vote, in the style of Sitawarin & Wagner's kNN attacks.
 
-    At every step: re-find the K nearest (attack-)database rows of the current features
-    (``db_feats`` [M, D], ``db_softmax`` [M, C], optional CBW weights ``db_weights`` [M]),
-    form the temperature-weighted soft vote over them (:func:`soft_knn_scores`) and ascend the
-    margin max_{c != y} score_c - score_y. Against PGD-PR this tracks the neighbour set the
-    defense will really use, and the margin does not saturate once p_y is small.
+    At every step: re-find the ``candidates`` (default 4k) nearest (attack-)database rows of the
+    current features (``db_feats`` [M, D], ``db_softmax`` [M, C], optional CBW weights
+    ``db_weights`` [M]), form the soft-neighbour-set vote (:func:`soft_threshold_scores`) and
+    ascend the margin max_{c != y} score_c - score_y. Unlike PGD-PR it tracks the neighbour set
+    the defense will really use, sees the other-class images just outside it, and its margin
+    does not saturate once p_y is small.
 
-    The step starts at ``step_size * eps`` (default 5 / steps, i.e. large exploratory moves)
-    and decays with a cosine schedule to ~0, so late steps refine. The result is, per image,
-    the iterate (the clean image included) with the largest *hard* vote margin over its
-    neighbours, ties broken by the soft margin: never less adversarial than the input.
+    The step starts at ``step_size * eps`` (default 5 / steps: large exploratory moves) and
+    decays with a cosine schedule to ~0, so late steps refine. The result is, per image, the
+    iterate (the starting point included) with the largest *hard* K-NN vote margin, ties
+    broken by the soft margin: never less adversarial for the real vote than where it began.
     """
     eps = budget_eps(x, budget)
     alpha0 = (step_size if step_size is not None else 5.0 / steps) * eps
+    n_cand = min(candidates or 4 * k, len(db_feats))
+    k = min(k, len(db_feats))
     view = batch_view(x)
     x_adv = x.detach().clone()
     if random_start:
@@ -235,13 +262,14 @@ def soft_knn_margin_attack(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tens
         x_adv.requires_grad_(i < steps)
         with torch.enable_grad():
             feats = feature_fn(x_adv)
-            idx = nearest(feats.detach(), db_feats, k)  # the neighbours the defense would use now
+            idx = nearest(feats.detach(), db_feats, n_cand)  # sorted: the first k are the kNN
             w = None if db_weights is None else db_weights[idx]
-            soft = score_margin(soft_knn_scores(feats, db_feats[idx], db_softmax[idx],
-                                                temperature, w), y)
+            soft = score_margin(soft_threshold_scores(feats, db_feats[idx], db_softmax[idx], k,
+                                                      temperature, w), y)
             grad = torch.autograd.grad(soft.sum(), x_adv)[0] if i < steps else None
         with torch.no_grad():
-            hard = score_margin(hard_knn_scores(db_softmax[idx], w), y)
+            hard = score_margin(hard_knn_scores(db_softmax[idx[:, :k]],
+                                                None if w is None else w[:, :k]), y)
             better = (hard > best_hard) | ((hard == best_hard) & (soft > best_soft))
             best_hard = torch.where(better, hard, best_hard)
             best_soft = torch.where(better, soft, best_soft)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import os
 import re
 import tarfile
@@ -18,8 +17,8 @@ from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
-import orjson
 import numpy as np
+import orjson
 from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext

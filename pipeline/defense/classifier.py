@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.defense.weighting import predict as weighted_vote
+from pipeline.defense.weighting import vote
 from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, project_features
 from pipeline.index.faiss_index import search
@@ -20,6 +21,7 @@ class Neighbours:
     ids: np.ndarray  # [N, K] int64, -1 = no result
     softmax: np.ndarray  # [N, K, C]
     found: np.ndarray  # [N, K] bool
+    weights: np.ndarray | None = None  # [N, K, 2] stored (CBW-E, CBW-D) weights, topk stores
 
 
 class DefendedClassifier:
@@ -33,7 +35,8 @@ class DefendedClassifier:
     def __init__(self, model, transforms: dict, indexes: dict, store, *, layer: str | None = None,
                  weighting: str = "cbw_d", k: int = 50, pooling: str = "avg",
                  feature_dtype: str = "float16", nprobe: int | None = None,
-                 cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256):
+                 cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
+                 stored_weights: bool = False):
         self.model = model.eval()
         self.transforms, self.indexes, self.store = transforms, indexes, store
         self.layers = list(indexes)
@@ -41,6 +44,9 @@ class DefendedClassifier:
         self.weighting, self.k, self.pooling = weighting, k, pooling
         self.feature_dtype, self.nprobe = feature_dtype, nprobe
         self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
+        # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
+        # before truncation; use those instead of recomputing them from the truncated one.
+        self.stored_weights = stored_weights
 
     @classmethod
     def from_job(cls, job_dir: str | os.PathLike, **overrides) -> DefendedClassifier:
@@ -51,7 +57,8 @@ class DefendedClassifier:
         spec = parts.pop("spec")
         kwargs = dict(k=spec.evaluate.k, pooling=spec.features.pooling,
                       feature_dtype=spec.features.dtype, nprobe=spec.index.nprobe,
-                      cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p)
+                      cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
+                      stored_weights=spec.store.encoding == "topk")
         kwargs.update(overrides)
         return cls(**parts, **kwargs)
 
@@ -73,17 +80,24 @@ class DefendedClassifier:
             probs.append(softmax)
             for name, feats in project_features(pooled, self.transforms, self.feature_dtype).items():
                 dist, ids = search(self.indexes[name], feats, k, self.nprobe)
-                neigh_softmax, ok = self.store.get_many(ids)
-                found[name].append(Neighbours(dist, ids, neigh_softmax, ok))
-        merged = {name: Neighbours(*(np.concatenate([getattr(n, f) for n in parts])
-                                     for f in ("distances", "ids", "softmax", "found")))
+                if self.stored_weights:
+                    got = self.store.get_many(ids, True, self.cbw_d_m, self.cbw_d_p)
+                else:
+                    got = self.store.get_many(ids)
+                found[name].append(Neighbours(dist, ids, *got))
+        fields = ["distances", "ids", "softmax", "found"] + (["weights"] if self.stored_weights else [])
+        merged = {name: Neighbours(*(np.concatenate([getattr(n, f) for n in parts]) for f in fields))
                   for name, parts in found.items()}
         return np.concatenate(probs), merged
 
     def vote(self, neighbours: Neighbours, weighting: str | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-        return weighted_vote(neighbours.softmax, weighting or self.weighting, neighbours.found,
-                             self.cbw_d_m, self.cbw_d_p)
+        rule = weighting or self.weighting
+        if neighbours.weights is not None and rule in ("cbw_e", "cbw_d"):
+            weights = neighbours.weights[..., 0 if rule == "cbw_e" else 1]
+            scores = vote(neighbours.softmax, weights, neighbours.found)
+            return scores.argmax(-1), scores
+        return weighted_vote(neighbours.softmax, rule, neighbours.found, self.cbw_d_m, self.cbw_d_p)
 
     def predict(self, images, layer: str | None = None, weighting: str | None = None,
                 return_neighbours: bool = False):

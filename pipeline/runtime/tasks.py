@@ -124,14 +124,16 @@ def merge_task(trained_path: str, part_paths: list[str], out_path: str) -> dict:
 
 
 def store_task(store_dir: str, partition_index: int, feature_files: list[str],
-               subset_manifest: str | None = None) -> dict:
+               subset_manifest: str | None = None, encoding: str = "float16",
+               encoding_options: dict | None = None) -> dict:
     """Write one LevelDB partition from the softmax columns of its shards' feature files."""
     def rows():
         for f in feature_files:
             keep = _subset_rows(f, subset_manifest)
             yield read_column(f, "id").astype(np.int64)[keep], read_column(f, "softmax")[keep]
 
-    return {"written": write_partition(store_dir, partition_index, rows())}
+    return {"written": write_partition(store_dir, partition_index, rows(), encoding,
+                                       **(encoding_options or {}))}
 
 
 def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool = True) -> dict:

@@ -180,14 +180,14 @@ def partition_dir(store_dir: str | os.PathLike, p: int) -> Path:
     return Path(store_dir) / f"part-{p:03d}"
 
 
-def write_partition(store_dir: str | os.PathLike, p: int, rows, encoding: str = "float16",
-                    **encoding_options) -> int:
-    """Write partition ``p`` from an iterable of (ids [n], softmax [n, C]) chunks; returns count.
-    Values use ``encoding`` (float16 | topk, options as :func:`encode`).
+def write_partition(store_dir: str | os.PathLike, partition_index: int, rows,
+                    encoding: str = "float16", **encoding_options) -> int:
+    """Write one partition from an iterable of (ids [n], softmax [n, C]) chunks; returns count.
+    Values use ``encoding`` (float16 | topk, options k, m, p as :func:`encode`).
     Written into ``part-PPP.tmp`` and renamed, so a crash leaves no half-written partition."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown softmax encoding {encoding!r}; use one of {ENCODINGS}")
-    final = partition_dir(store_dir, p)
+    final = partition_dir(store_dir, partition_index)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
