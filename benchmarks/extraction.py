@@ -55,7 +55,7 @@ def main() -> None:
             bare.append(N / (time.perf_counter() - t))
             t = time.perf_counter()
             extract_shard(model, transforms, shard, 0, str(Path(tmp) / "out.parquet"), layers=LAYERS,
-                          pooling="avg", dtype="float16", batch_size=BATCH, channels=1, size=None,
+                          pooling="avg", dtype="float16", batch_size=BATCH, decode={"channels": 1},
                           max_pixels=10**8, provenance={})
             piped.append(N / (time.perf_counter() - t))
     result = {

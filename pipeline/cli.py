@@ -200,15 +200,16 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
 
     from pipeline.data.shards import decode_image
     from pipeline.defense.classifier import DefendedClassifier
+    from pipeline.features.backbones import decode_args
 
     overrides = {"weighting": weighting, **({"layer": layer} if layer else {}), **({"k": k} if k else {})}
     defense = DefendedClassifier.from_job(job_dir, **overrides)
-    size = defense.model.input_size
+    decode = decode_args(defense.model)
     arrays = []
     for path in images:
         try:
             with open(path, "rb") as f:
-                arrays.append(decode_image(f.read(), 89_478_485, defense.model.in_channels, size))
+                arrays.append(decode_image(f.read(), 89_478_485, **decode))
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"{path}: not a readable image ({err})") from None
     labels, scores, neigh = defense.predict(np.stack(arrays), return_neighbours=True)

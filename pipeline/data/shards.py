@@ -153,9 +153,11 @@ def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str, str], b
         yield current
 
 
-def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None = None) -> np.ndarray:
-    """Decode to HWC uint8 with ``channels`` channels, resized (shorter side) and centre-cropped
-    to ``size`` x ``size`` when given; raises on corrupt or oversized images."""
+def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None = None,
+                 resize: int | None = None, interpolation: str = "bicubic") -> np.ndarray:
+    """Decode to HWC uint8 with ``channels`` channels; with ``size``, resize the shorter side to
+    ``resize`` (default ``size``) and centre-crop ``size`` x ``size`` (ImageNet models: 256 then
+    224). Raises on corrupt or oversized images."""
     if not data:
         raise ValueError("empty image")
     with warnings.catch_warnings():
@@ -165,16 +167,20 @@ def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None =
                 raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
             img = img.convert("L" if channels == 1 else "RGB")
             if size is not None and img.size != (size, size):
-                img = _resize_center_crop(img, size)
+                img = _resize_center_crop(img, size, resize or size, interpolation)
             arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def _resize_center_crop(img: Image.Image, size: int, resize: int, interpolation: str) -> Image.Image:
+    if min(img.size) != resize:
+        scale = resize / min(img.size)
+        w, h = max(resize, round(img.width * scale)), max(resize, round(img.height * scale))
+        img = img.resize((w, h), _RESAMPLE[interpolation])
+    left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
 
 
@@ -193,7 +199,8 @@ def _member_filter(decode: bool, keys: Container[str] | None, meta_exts: Contain
 def iter_samples(
     url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
     max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
-    meta_exts: Container[str] = META_EXTS,
+    meta_exts: Container[str] = META_EXTS, resize: int | None = None,
+    interpolation: str = "bicubic",
 ) -> Iterator[Sample]:
     """Samples of one shard, decoded (or metadata only, without reading image bytes), skipping
     and counting bad ones. With ``keys``, other samples are passed over unread and uncounted;
@@ -227,7 +234,7 @@ def iter_samples(
         image = None
         if decode:
             try:
-                image = decode_image(raw[ext], max_pixels, channels, size)
+                image = decode_image(raw[ext], max_pixels, channels, size, resize, interpolation)
             except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
                 stats.skip("oversized_image", key, str(exn))
                 continue
@@ -251,14 +258,16 @@ def scan_shard(url: str) -> ShardStats:
 
 
 def load_images(urls: list[str], channels: int, size: int | None = None,
-                max_pixels: int = 89_478_485, limit: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+                max_pixels: int = 89_478_485, limit: int | None = None,
+                resize: int | None = None, interpolation: str = "bicubic") -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     """Decode every sample of ``urls`` into memory (small datasets: training, queries).
     Returns keys, images [N, H, W, C] uint8, labels [N] (-1 when absent) and skip counts."""
     keys, images, labels = [], [], []
     skipped: Counter = Counter()
     for url in urls:
         stats = ShardStats()
-        for s in iter_samples(url, stats, channels=channels, max_pixels=max_pixels, size=size):
+        for s in iter_samples(url, stats, channels=channels, max_pixels=max_pixels, size=size,
+                              resize=resize, interpolation=interpolation):
             keys.append(s.key)
             images.append(s.image)
             labels.append(-1 if s.label is None else s.label)

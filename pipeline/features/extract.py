@@ -52,8 +52,8 @@ def _fixed_list(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
 
 
 def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
-                  *, layers, pooling: str, dtype: str, batch_size: int, channels: int,
-                  size: int | None, max_pixels: int, provenance: dict,
+                  *, layers, pooling: str, dtype: str, batch_size: int, decode: dict,
+                  max_pixels: int, provenance: dict,
                   num_threads: int | None = None, only_keys=None) -> dict:
     """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard,
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
@@ -62,8 +62,7 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
         torch.set_num_threads(num_threads)
     stats = ShardStats(record_keys=True)
     keys, labels, feats, probs = [], [], {name: [] for name in layers}, []
-    samples = iter_samples(shard_url, stats, channels=channels, size=size, max_pixels=max_pixels,
-                           keys=only_keys)
+    samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys, **decode)
     for batch in batches(samples, batch_size):
         x = images_to_tensor(np.stack([s.image for s in batch]))
         pooled, softmax = forward_features(model, x, layers, pooling)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 from pipeline import __version__
@@ -166,11 +167,27 @@ def _subset_for(run: JobRun, apply: str) -> str | None:
 
 
 def stage_train(run: JobRun) -> None:
-    """Train the classifier (cached by content hash of settings and data), or take model.weights."""
+    """Train the demo classifier (cached by content hash of settings and data); or take the
+    given / pretrained weights; or save one seeded random init every task then loads."""
     spec, layout = run.spec, run.layout
-    if spec.model.weights is not None:
-        write_json(layout.model_info, {"path": str(Path(spec.model.weights).resolve()),
-                                       "sha256": file_sha256(spec.model.weights), "training_hash": None})
+    if not spec.model.trained_here:
+        from pipeline.features.backbones import build_model, pretrained_weights
+
+        path = pretrained_weights(spec.model)
+        source = path
+        if path is None:  # weights: random -> one seeded init shared by every task
+            path = layout.model_dir / f"{spec.model.arch}-random-seed{spec.seed}.pt"
+            if not path.is_file():
+                torch.manual_seed(spec.seed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(build_model(spec.model).state_dict(), str(path) + ".tmp")
+                Path(str(path) + ".tmp").replace(path)
+            source, path = "random", str(path.relative_to(layout.root))
+        else:
+            path = str(Path(path).resolve())
+        write_json(layout.model_info, {"path": path, "sha256": file_sha256(layout.root / path),
+                                       "training_hash": None, "source": source,
+                                       "arch": spec.model.arch})
     else:
         from pipeline.train.classifier import training_hash
 
@@ -186,7 +203,7 @@ def stage_train(run: JobRun) -> None:
             write_json(layout.model_info, {
                 "path": str(path.relative_to(layout.root)), "sha256": file_sha256(path),
                 "training_hash": fp, "history": (result or {}).get("history"),
-                "train_seconds": (result or {}).get("seconds")})
+                "train_seconds": (result or {}).get("seconds"), "arch": spec.model.arch})
     info = read_json(layout.model_info)
     run.state.update(weights=str(layout.root / info["path"]), weights_sha256=info["sha256"])
 

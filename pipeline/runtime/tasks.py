@@ -12,7 +12,7 @@ import torch
 from pipeline.config import JobSpec
 from pipeline.data.shards import load_images, scan_shard
 from pipeline.data.subsets import selected_keys
-from pipeline.features.backbones import images_to_tensor, load_model
+from pipeline.features.backbones import decode_args, images_to_tensor, load_model
 from pipeline.features.extract import extract_shard, forward_features, read_column, read_metadata
 from pipeline.features.transforms import fit_pca, load_pca, save_pca
 from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index
@@ -55,13 +55,15 @@ def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, out_d
     job = JobSpec.model_validate(spec)
     fs = job.features
     model = load_model(job.model, weights)
+    decode = decode_args(model)
     per_shard = max(1, round(np.mean([s["num_samples"] for s in shard_table])))
     shards = _evenly_spaced(shard_table, fs.pca_sample, per_shard)
     take = math.ceil(fs.pca_sample / len(shards))
     pooled: dict[str, list] = {name: [] for name in fs.layers}
     for shard in shards:
-        _, images, _, _ = load_images([shard["url"]], job.model.in_channels, limit=take,
-                                      max_pixels=job.data.max_image_pixels)
+        _, images, _, _ = load_images([shard["url"]], decode["channels"], decode["size"],
+                                      job.data.max_image_pixels, take, decode["resize"],
+                                      decode["interpolation"])
         x = images_to_tensor(images)
         for start in range(0, len(x), fs.batch_size):
             feats, _ = forward_features(model, x[start:start + fs.batch_size], fs.layers, fs.pooling)
@@ -86,7 +88,7 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
     transforms = {name: load_pca(layout.transform_file(name)) for name in fs.layers}
     return extract_shard(model, transforms, url, shard_index, str(layout.features_file(shard_index)),
                          layers=fs.layers, pooling=fs.pooling, dtype=fs.dtype, batch_size=fs.batch_size,
-                         channels=job.model.in_channels, size=None,
+                         decode=decode_args(model),
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
                          num_threads=num_threads, only_keys=only)
 
@@ -149,8 +151,10 @@ def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool =
 
         job = load_spec(job_dir)
         ev = job.evaluate
-        _, images, labels, skipped = load_images(expand_shards(job.data.queries), job.model.in_channels,
-                                                 max_pixels=job.data.max_image_pixels)
+        decode = decode_args(defense.model)
+        _, images, labels, skipped = load_images(
+            expand_shards(job.data.queries), decode["channels"], decode["size"],
+            job.data.max_image_pixels, None, decode["resize"], decode["interpolation"])
         if (labels < 0).any():
             raise ValueError("evaluation needs a label (.cls) for every query image")
         if ev.num_queries is not None and ev.num_queries < len(images):

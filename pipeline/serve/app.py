@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__
 from pipeline.data.shards import decode_image
+from pipeline.features.backbones import decode_args
 
 WEIGHTINGS = ("uw", "cbw_e", "cbw_d")
 TOP_CLASSES = 5
@@ -214,11 +215,11 @@ class _Params:
         return b if b is not None else q
 
 
-def _decode_one(data: bytes, i: int, max_pixels: int, channels: int, size: int) -> np.ndarray:
+def _decode_one(data: bytes, i: int, max_pixels: int, decode: dict) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return decode_image(data, max_pixels, channels, size)
+            return decode_image(data, max_pixels, **decode)
     except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         raise _bad(413, f"images[{i}]: too many pixels ({exn}; max_image_pixels={max_pixels})"
                    ) from None
@@ -243,7 +244,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
     """ASGI app serving ``defense`` (a :class:`~pipeline.defense.classifier.DefendedClassifier`).
     ``app.state.batcher`` exposes the micro-batcher and its counters."""
     model = defense.model
-    channels, size = int(model.in_channels), int(model.input_size)
+    decode = decode_args(model)  # the same resize/crop the database images got
     limits = dict(max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels,
                   max_images_per_request=max_images_per_request, max_k=max_k,
                   batch_window_ms=batch_window_ms, max_batch=max_batch)
@@ -349,7 +350,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
             raise _bad(422, "no images in the request (multipart field or JSON list \"images\")")
 
         def decode_all():
-            return np.stack([_decode_one(d, i, max_image_pixels, channels, size)
+            return np.stack([_decode_one(d, i, max_image_pixels, decode)
                              for i, d in enumerate(datas)])
 
         images = await run_in_threadpool(decode_all)
@@ -388,7 +389,8 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
                 "k": defense.k, "weighting": defense.weighting, "weightings": list(WEIGHTINGS),
                 "cbw_d": {"m": defense.cbw_d_m, "p": defense.cbw_d_p},
                 "num_classes": int(model.num_classes), "index_sizes": index_sizes(),
-                "input": {"size": size, "channels": channels}, "limits": limits,
+                "input": {"size": decode["size"], "channels": decode["channels"],
+                          "resize": decode["resize"], "interpolation": decode["interpolation"]}, "limits": limits,
                 "batching": batcher.stats()}
 
     return app
