@@ -11,9 +11,9 @@ import io
 import os
 import re
 import tarfile
-import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Container, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
@@ -160,15 +160,17 @@ def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None =
     224). Raises on corrupt or oversized images."""
     if not data:
         raise ValueError("empty image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size, size):
-                img = _resize_center_crop(img, size, resize or size, interpolation)
-            arr = np.asarray(img, dtype=np.uint8)
+    # The pixel limit is checked from the header before decoding (decompression bombs); no
+    # warnings filter here, since `warnings.catch_warnings` is not thread-safe.
+    with Image.open(io.BytesIO(data)) as img:
+        if img.width * img.height > max_pixels:
+            raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+        if size is not None and img.format == "JPEG":
+            img.draft(img.mode, (resize or size, resize or size))  # DCT-domain downscale: cheaper
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size is not None and img.size != (size, size):
+            img = _resize_center_crop(img, size, resize or size, interpolation)
+        arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -196,16 +198,20 @@ def _member_filter(decode: bool, keys: Container[str] | None, meta_exts: Contain
     return wanted
 
 
-def iter_samples(
-    url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
-    max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
-    meta_exts: Container[str] = META_EXTS, resize: int | None = None,
-    interpolation: str = "bicubic",
-) -> Iterator[Sample]:
-    """Samples of one shard, decoded (or metadata only, without reading image bytes), skipping
-    and counting bad ones. With ``keys``, other samples are passed over unread and uncounted;
-    metadata members other than ``meta_exts`` are not read (a scan that needs no tags reads
-    only ``cls``)."""
+def _decode_or_reason(data: bytes, max_pixels: int, channels: int, size: int | None,
+                      resize: int | None, interpolation: str):
+    """(image, None) or (None, (skip reason, detail)); safe to run in decode threads."""
+    try:
+        return decode_image(data, max_pixels, channels, size, resize, interpolation), None
+    except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        return None, ("oversized_image", str(exn))
+    except Exception as exn:  # PIL raises many types for corrupt data
+        return None, ("corrupt_image", f"{type(exn).__name__}: {exn}")
+
+
+def _parsed_samples(url: str, stats: ShardStats, decode: bool, keys, meta_exts
+                    ) -> Iterator[tuple[Sample, bytes | None]]:
+    """Samples with their metadata parsed and their image bytes (not yet decoded)."""
     for raw in iter_raw_samples(url, stats, _member_filter(decode, keys, meta_exts)):
         key = raw["__key__"]
         if keys is not None and key not in keys:
@@ -231,21 +237,61 @@ def iter_samples(
         if raw["__sizes__"][ext] == 0:
             stats.skip("empty_image", key)
             continue
-        image = None
-        if decode:
-            try:
-                image = decode_image(raw[ext], max_pixels, channels, size, resize, interpolation)
-            except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
-                stats.skip("oversized_image", key, str(exn))
-                continue
-            except Exception as exn:  # PIL raises many types for corrupt data
-                stats.skip("corrupt_image", key, f"{type(exn).__name__}: {exn}")
-                continue
-            stats.decoded += 1
         caption = None
         if raw.get("txt") is not None:
             caption = raw["txt"].decode("utf-8", errors="replace")
-        yield Sample(key=key, image=image, label=label, meta=meta, caption=caption)
+        yield Sample(key=key, image=None, label=label, meta=meta, caption=caption), raw[ext]
+
+
+def iter_samples(
+    url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
+    max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
+    meta_exts: Container[str] = META_EXTS, resize: int | None = None,
+    interpolation: str = "bicubic", workers: int = 0, lookahead: int = 256,
+) -> Iterator[Sample]:
+    """Samples of one shard, in tar order, decoded (or metadata only, without reading image
+    bytes), skipping and counting bad ones. With ``keys``, other samples are passed over unread
+    and uncounted; metadata members other than ``meta_exts`` are not read.
+
+    With ``workers`` > 0, images are decoded by that many threads up to ``lookahead`` samples
+    ahead of the consumer, so decoding overlaps the model's forward pass (Pillow releases the
+    GIL while decoding and resizing; torch while computing)."""
+    parsed = _parsed_samples(url, stats, decode, keys, meta_exts)
+    if not decode:
+        yield from (sample for sample, _ in parsed)
+        return
+    args = (max_pixels, channels, size, resize, interpolation)
+
+    def finish(sample: Sample, result) -> Sample | None:
+        image, reason = result
+        if reason is not None:
+            stats.skip(reason[0], sample.key, reason[1])
+            return None
+        stats.decoded += 1
+        sample.image = image
+        return sample
+
+    if workers <= 0:
+        for sample, data in parsed:
+            if (done := finish(sample, _decode_or_reason(data, *args))) is not None:
+                yield done
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        try:
+            for sample, data in parsed:
+                pending.append((sample, pool.submit(_decode_or_reason, data, *args)))
+                while len(pending) > lookahead:
+                    sample0, future = pending.popleft()
+                    if (done := finish(sample0, future.result())) is not None:
+                        yield done
+            while pending:
+                sample0, future = pending.popleft()
+                if (done := finish(sample0, future.result())) is not None:
+                    yield done
+        finally:
+            for _, future in pending:  # consumer stopped early: drop queued work
+                future.cancel()
 
 
 def scan_shard(url: str) -> ShardStats:
