@@ -122,6 +122,7 @@ class FeaturesSpec(_Strict):
     pca_sample: Annotated[int, Field(gt=0)] = 10_000
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: Annotated[int, Field(gt=0)] = 512
+    decode_workers: Annotated[int, Field(ge=0)] = 2  # decode threads per extraction task
 
     @model_validator(mode="after")
     def _layers(self):

@@ -20,12 +20,27 @@ from pipeline.ids import make_ids
 META_KEY = b"knn_defense"
 
 
+def to_best_device(model):
+    """On a GPU: move there in channels_last (faster convolutions with autocast); on CPU keep
+    the model as is (channels_last measured no faster there, DESIGN.md)."""
+    if torch.cuda.is_available():
+        return model.to("cuda", memory_format=torch.channels_last)
+    return model
+
+
 @torch.inference_mode()
 def forward_features(model, x01: torch.Tensor, layers, pooling: str = "avg"
                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled taps (float32) and softmax (float32) of a batch of [0, 1] images."""
-    logits, taps = model.forward_taps(x01, layers)
-    pooled = {name: pool(t, pooling).float().cpu().numpy() for name, t in taps.items()}
+    """Pooled taps (float32) and softmax (float32) of a batch of [0, 1] images, on the model's
+    device (bf16 autocast on a GPU; pooling runs there too, only pooled vectors come back)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        x01 = x01.pin_memory().to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, taps = model.forward_taps(x01, layers)
+    else:
+        logits, taps = model.forward_taps(x01, layers)
+    pooled = {name: pool(t.float(), pooling).cpu().numpy() for name, t in taps.items()}
     return pooled, torch.softmax(logits.float(), 1).cpu().numpy()
 
 
@@ -54,15 +69,17 @@ def _fixed_list(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
 def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
                   *, layers, pooling: str, dtype: str, batch_size: int, decode: dict,
                   max_pixels: int, provenance: dict,
-                  num_threads: int | None = None, only_keys=None) -> dict:
+                  num_threads: int | None = None, only_keys=None, decode_workers: int = 2) -> dict:
     """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard,
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
+    ``decode_workers`` threads decode up to two batches ahead, so the model is not starved.
     Written to a temp name and renamed, so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
     stats = ShardStats(record_keys=True)
     keys, labels, feats, probs = [], [], {name: [] for name in layers}, []
-    samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys, **decode)
+    samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
+                           workers=decode_workers, lookahead=2 * batch_size, **decode)
     for batch in batches(samples, batch_size):
         x = images_to_tensor(np.stack([s.image for s in batch]))
         pooled, softmax = forward_features(model, x, layers, pooling)

@@ -13,7 +13,13 @@ from pipeline.config import JobSpec
 from pipeline.data.shards import load_images, scan_shard
 from pipeline.data.subsets import selected_keys
 from pipeline.features.backbones import decode_args, images_to_tensor, load_model
-from pipeline.features.extract import extract_shard, forward_features, read_column, read_metadata
+from pipeline.features.extract import (
+    extract_shard,
+    forward_features,
+    read_column,
+    read_metadata,
+    to_best_device,
+)
 from pipeline.features.transforms import fit_pca, load_pca, save_pca
 from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index
 from pipeline.layout import JobLayout
@@ -84,13 +90,13 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
     only = selected_keys(subset_manifest, shard_index) if subset_manifest else None
     layout = JobLayout(job_dir)
     fs = job.features
-    model = load_model(job.model, weights)
+    model = to_best_device(load_model(job.model, weights))
     transforms = {name: load_pca(layout.transform_file(name)) for name in fs.layers}
     return extract_shard(model, transforms, url, shard_index, str(layout.features_file(shard_index)),
                          layers=fs.layers, pooling=fs.pooling, dtype=fs.dtype, batch_size=fs.batch_size,
                          decode=decode_args(model),
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
-                         num_threads=num_threads, only_keys=only)
+                         num_threads=num_threads, only_keys=only, decode_workers=fs.decode_workers)
 
 
 def train_index_task(layer: str, feature_files: list[str], factory: str, sample: int, seed: int,
