@@ -23,6 +23,7 @@ from pipeline.config import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_ENV  # noqa
 from pipeline.data.fashion_mnist import load_split, missing_files, write_split_shards  # noqa: E402
 from pipeline.features.backbones import SmallResNet, images_to_tensor  # noqa: E402
 from pipeline.features.extract import extract_shard, forward_features  # noqa: E402
+from pipeline.features.stack import LayerTransform  # noqa: E402
 from pipeline.features.transforms import fit_pca  # noqa: E402
 
 N, BATCH, REPEATS = 8000, 512, 3
@@ -42,7 +43,7 @@ def main() -> None:
     model = SmallResNet().eval()
     x = images_to_tensor(images[..., None])
     pooled, _ = forward_features(model, x[:2000], LAYERS)
-    transforms = {k: fit_pca(v, 64) for k, v in pooled.items()}
+    transforms = {k: LayerTransform("avg", fit_pca(v, 64)) for k, v in pooled.items()}
     with tempfile.TemporaryDirectory() as tmp:
         write_split_shards(images, labels, tmp, "train", samples_per_shard=N)
         shard = str(Path(tmp) / "00000.tar")
@@ -55,7 +56,7 @@ def main() -> None:
             bare.append(N / (time.perf_counter() - t))
             t = time.perf_counter()
             extract_shard(model, transforms, shard, 0, str(Path(tmp) / "out.parquet"), layers=LAYERS,
-                          pooling="avg", dtype="float16", batch_size=BATCH, decode={"channels": 1},
+                          batch_size=BATCH, decode={"channels": 1},
                           max_pixels=10**8, provenance={})
             piped.append(N / (time.perf_counter() - t))
     result = {

@@ -117,10 +117,14 @@ class TrainSpec(_Strict):
 
 class FeaturesSpec(_Strict):
     layers: list[str] = ["conv_2_2", "conv_3_2", "conv_4_1", "conv_4_2"]
-    pooling: Literal["avg"] = "avg"
+    pooling: Literal["avg", "rmac"] = "avg"  # rmac: Tolias et al., L=3 scales, 40% overlap
+    rmac_sample: Annotated[int, Field(gt=0)] = 2000  # images for R-MAC's regional whitening
     pca_dim: Annotated[int, Field(gt=0)] = 256
     pca_sample: Annotated[int, Field(gt=0)] = 10_000
-    dtype: Literal["float16", "float32"] = "float16"
+    whiten: bool = False  # PCA-whitening (unit variance per component)
+    # float16/float32 vectors; sq8: 8-bit scalar codes; itq/sign: packed binary codes (Hamming
+    # search with FAISS binary indexes: index.factory BFlat or BIVF<n>).
+    storage: Literal["float16", "float32", "sq8", "itq", "sign"] = "float16"
     batch_size: Annotated[int, Field(gt=0)] = 512
     decode_workers: Annotated[int, Field(ge=0)] = 2  # decode threads per extraction task
 
@@ -202,6 +206,14 @@ class JobSpec(_Strict):
     def _defaults(self):
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
+        binary_codes = self.features.storage in ("itq", "sign")
+        if binary_codes != self.index.factory.startswith("B"):
+            raise ValueError(
+                f"features.storage {self.features.storage} needs a "
+                f"{'binary (BFlat, BIVF<n>)' if binary_codes else 'float'} index.factory, "
+                f"got {self.index.factory!r}")
+        if binary_codes and self.features.pca_dim % 8:
+            raise ValueError("binary codes need features.pca_dim divisible by 8")
         return self
 
     @property

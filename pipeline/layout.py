@@ -30,8 +30,8 @@ class JobLayout:
     def features_file(self, shard_index: int) -> Path:
         return self.features_dir / f"{shard_index:05d}.parquet"
 
-    def transform_file(self, layer: str) -> Path:
-        return self.transforms_dir / f"{layer}.npz"
+    def transform_dir(self, layer: str) -> Path:
+        return self.transforms_dir / layer
 
     def index_dir(self, layer: str) -> Path:
         return self.index_root / layer

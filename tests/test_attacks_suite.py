@@ -26,6 +26,7 @@ from pipeline.attacks.pgd import pgd_l2
 from pipeline.attacks.projection import normalised_l2
 from pipeline.defense.weighting import diversity_weights
 from pipeline.features.backbones import SmallResNet, images_to_tensor, pool
+from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
 from tests.conftest import synthetic_images
 
@@ -232,8 +233,8 @@ def test_make_feature_fn_matches_the_pipeline_features(band):
         _, taps = band.model.forward_taps(x, [LAYER])
         expected = band.pca.apply(pool(taps[LAYER], "avg").numpy())
         got = band.feature_fn(x).numpy()
-        defended = SimpleNamespace(model=band.model, layer=LAYER, pooling="avg",
-                                   transforms={LAYER: band.pca})
+        defended = SimpleNamespace(model=band.model, layer=LAYER,
+                                   transforms={LAYER: LayerTransform("avg", band.pca)})
         via_defense = feature_fn_for(defended)(x).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_allclose(via_defense, expected, atol=1e-5)

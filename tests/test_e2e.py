@@ -15,6 +15,7 @@ from pipeline.data.fashion_mnist import encode_image, write_split_shards
 from pipeline.defense.classifier import DefendedClassifier
 from pipeline.features.backbones import SmallResNet
 from pipeline.features.extract import extract_shard
+from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
 from pipeline.index.faiss_index import all_ids, load_index
 from pipeline.layout import JobLayout
@@ -151,12 +152,12 @@ def test_crash_mid_shard_leaves_no_output(tmp_path):
             return super().forward_taps(x, taps)
 
     model = Exploding().eval()
-    transforms = {"conv_4_2": fit_pca(np.random.default_rng(0).normal(size=(50, 128)), 8)}
+    transforms = {"conv_4_2": LayerTransform("avg", fit_pca(np.random.default_rng(0).normal(size=(50, 128)), 8))}
     out = tmp_path / "features" / "00000.parquet"
     with pytest.raises(RuntimeError, match="simulated"):
         with torch.inference_mode():
             extract_shard(model, transforms, str(tmp_path / "db" / "00000.tar"), 0, str(out),
-                          layers=["conv_4_2"], pooling="avg", dtype="float16", batch_size=40,
+                          layers=["conv_4_2"], batch_size=40,
                           decode={"channels": 1}, max_pixels=10**8, provenance={})
     assert not out.exists()
     assert not out.with_name(out.name + ".tmp").exists()

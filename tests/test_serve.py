@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.defense.classifier import DefendedClassifier
 from pipeline.features.backbones import SmallResNet, images_to_tensor
-from pipeline.features.extract import forward_features, project_features
+from pipeline.features.extract import forward_features
+from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
 from pipeline.ids import make_ids
 from pipeline.serve.app import create_app
@@ -33,8 +34,8 @@ def defense(tmp_path_factory):
     model = SmallResNet(widths=(8, 16, 16), blocks=(1, 1, 1)).eval()
     images, _ = synthetic_images(160, seed=7)
     pooled, softmax = forward_features(model, images_to_tensor(images[..., None]), LAYERS)
-    transforms = {name: fit_pca(pooled[name], 8) for name in LAYERS}
-    feats = project_features(pooled, transforms, "float16")
+    transforms = {name: LayerTransform("avg", fit_pca(pooled[name], 8)) for name in LAYERS}
+    feats = {name: transforms[name].query_vectors(v) for name, v in pooled.items()}
     ids = np.concatenate([make_ids(0, np.arange(80)), make_ids(1, np.arange(80))])
     indexes = {}
     for name in LAYERS:

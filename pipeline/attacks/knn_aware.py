@@ -48,10 +48,16 @@ def make_feature_fn(model: nn.Module, layer: str, pca_mean: np.ndarray | torch.T
 
 
 def feature_fn_for(defended, layer: str | None = None) -> FeatureFn:
-    """:func:`make_feature_fn` for a ``DefendedClassifier`` (its model, PCA and pooling)."""
+    """The differentiable features of a ``DefendedClassifier``'s layer: its pooling (average or
+    R-MAC) and PCA (whitened if so fitted), before storage rounding/quantisation."""
     layer = layer or defended.layer
-    pca = defended.transforms[layer]
-    return make_feature_fn(defended.model, layer, pca.mean, pca.components, defended.pooling)
+    stack = defended.transforms[layer]
+
+    def feature_fn(x: torch.Tensor) -> torch.Tensor:
+        _, taps = defended.model.forward_taps(x, [layer])
+        return stack.project_torch(stack.pool(taps[layer]))
+
+    return feature_fn
 
 
 def nearest(features: torch.Tensor, db_feats: torch.Tensor, k: int) -> torch.Tensor:

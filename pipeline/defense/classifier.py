@@ -11,7 +11,7 @@ import torch
 from pipeline.defense.weighting import predict as weighted_vote
 from pipeline.defense.weighting import vote
 from pipeline.features.backbones import images_to_tensor
-from pipeline.features.extract import forward_features, project_features
+from pipeline.features.extract import forward_features, stack_poolers
 from pipeline.index.faiss_index import search
 
 
@@ -33,16 +33,14 @@ class DefendedClassifier:
     """
 
     def __init__(self, model, transforms: dict, indexes: dict, store, *, layer: str | None = None,
-                 weighting: str = "cbw_d", k: int = 50, pooling: str = "avg",
-                 feature_dtype: str = "float16", nprobe: int | None = None,
+                 weighting: str = "cbw_d", k: int = 50, nprobe: int | None = None,
                  cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
                  stored_weights: bool = False):
         self.model = model.eval()
         self.transforms, self.indexes, self.store = transforms, indexes, store
         self.layers = list(indexes)
         self.layer = layer or self.layers[-1]
-        self.weighting, self.k, self.pooling = weighting, k, pooling
-        self.feature_dtype, self.nprobe = feature_dtype, nprobe
+        self.weighting, self.k, self.nprobe = weighting, k, nprobe
         self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
         # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
         # before truncation; use those instead of recomputing them from the truncated one.
@@ -55,8 +53,7 @@ class DefendedClassifier:
 
         parts = load_defense_parts(job_dir)
         spec = parts.pop("spec")
-        kwargs = dict(k=spec.evaluate.k, pooling=spec.features.pooling,
-                      feature_dtype=spec.features.dtype, nprobe=spec.index.nprobe,
+        kwargs = dict(k=spec.evaluate.k, nprobe=spec.index.nprobe,
                       cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=spec.store.encoding == "topk")
         kwargs.update(overrides)
@@ -76,10 +73,11 @@ class DefendedClassifier:
         probs, found = [], {name: [] for name in layers}
         for start in range(0, len(x), self.batch_size):
             pooled, softmax = forward_features(self.model, x[start:start + self.batch_size], layers,
-                                               self.pooling)
+                                               stack_poolers(self.transforms))
             probs.append(softmax)
-            for name, feats in project_features(pooled, self.transforms, self.feature_dtype).items():
-                dist, ids = search(self.indexes[name], feats, k, self.nprobe)
+            for name, feats in pooled.items():
+                dist, ids = search(self.indexes[name], self.transforms[name].query_vectors(feats),
+                                   k, self.nprobe)
                 if self.stored_weights:
                     got = self.store.get_many(ids, True, self.cbw_d_m, self.cbw_d_p)
                 else:

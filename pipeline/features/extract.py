@@ -28,26 +28,32 @@ def to_best_device(model):
     return model
 
 
-@torch.inference_mode()
-def forward_features(model, x01: torch.Tensor, layers, pooling: str = "avg"
-                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled taps (float32) and softmax (float32) of a batch of [0, 1] images, on the model's
-    device (bf16 autocast on a GPU; pooling runs there too, only pooled vectors come back)."""
+def forward_taps(model, x01: torch.Tensor, layers) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and taps of a batch of [0, 1] images on the model's device (a GPU gets pinned
+    memory, channels_last and bf16 autocast)."""
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        x01 = x01.pin_memory().to(device, non_blocking=True, memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, taps = model.forward_taps(x01, layers)
-    else:
-        logits, taps = model.forward_taps(x01, layers)
-    pooled = {name: pool(t.float(), pooling).cpu().numpy() for name, t in taps.items()}
+    if device.type != "cuda":
+        return model.forward_taps(x01, layers)
+    x01 = x01.pin_memory().to(device, non_blocking=True, memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return model.forward_taps(x01, layers)
+
+
+@torch.inference_mode()
+def forward_features(model, x01: torch.Tensor, layers, poolers=None
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled taps (float32) and softmax (float32) of a batch of [0, 1] images. ``poolers``
+    maps a layer to its pooling (a LayerTransform's ``pool``; default average pooling); it runs
+    on the model's device, so only pooled vectors come back."""
+    logits, taps = forward_taps(model, x01, layers)
+    poolers = poolers or {}
+    pooled = {name: (poolers[name](t) if name in poolers else pool(t.float(), "avg")).cpu().numpy()
+              for name, t in taps.items()}
     return pooled, torch.softmax(logits.float(), 1).cpu().numpy()
 
 
-def project_features(pooled: dict[str, np.ndarray], transforms: dict, dtype: str) -> dict[str, np.ndarray]:
-    """PCA each layer, rounded to the storage dtype (queries get exactly the database's rounding)."""
-    return {name: transforms[name].apply(v).astype(dtype).astype(np.float32)
-            for name, v in pooled.items()}
+def stack_poolers(stacks: dict) -> dict:
+    return {name: stack.pool for name, stack in stacks.items()}
 
 
 def batches(samples: Iterator, batch_size: int) -> Iterator[list]:
@@ -61,16 +67,17 @@ def batches(samples: Iterator, batch_size: int) -> Iterator[list]:
         yield batch
 
 
-def _fixed_list(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1).astype(dtype))
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+def _fixed_list(values: np.ndarray, dtype=None) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values if dtype is None else values.astype(dtype))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
-                  *, layers, pooling: str, dtype: str, batch_size: int, decode: dict,
+                  *, layers, batch_size: int, decode: dict,
                   max_pixels: int, provenance: dict,
                   num_threads: int | None = None, only_keys=None, decode_workers: int = 2) -> dict:
-    """Write ``out_path`` (Parquet: key, id, label, one column per layer, softmax) for one shard,
+    """Write ``out_path`` (Parquet: key, id, label, one column per layer holding its stored
+    codes, softmax) for one shard, with ``transforms`` = {layer: LayerTransform},
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
     ``decode_workers`` threads decode up to two batches ahead, so the model is not starved.
     Written to a temp name and renamed, so a crash leaves no half-written file."""
@@ -82,9 +89,9 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
                            workers=decode_workers, lookahead=2 * batch_size, **decode)
     for batch in batches(samples, batch_size):
         x = images_to_tensor(np.stack([s.image for s in batch]))
-        pooled, softmax = forward_features(model, x, layers, pooling)
-        for name, v in project_features(pooled, transforms, dtype).items():
-            feats[name].append(v)
+        pooled, softmax = forward_features(model, x, layers, stack_poolers(transforms))
+        for name, v in pooled.items():
+            feats[name].append(transforms[name].encode(transforms[name].project(v)))
         probs.append(softmax)
         keys += [s.key for s in batch]
         labels += [-1 if s.label is None else s.label for s in batch]
@@ -93,13 +100,15 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
                "label": pa.array(labels, pa.int32())}
     num_classes = model.num_classes
     for name in layers:
-        dim = transforms[name].dim
-        v = np.concatenate(feats[name]) if feats[name] else np.zeros((0, dim), np.float32)
-        columns[name] = _fixed_list(v, dtype)
+        stack = transforms[name]
+        empty = stack.encode(np.zeros((0, stack.dim), np.float32))
+        columns[name] = _fixed_list(np.concatenate(feats[name]) if feats[name] else empty)
     p = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
     columns["softmax"] = _fixed_list(p, np.float16)
     meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
-                pooling=pooling, code_version=__version__, stats=stats.as_dict())
+                storage={n: transforms[n].storage for n in layers},
+                pooling={n: transforms[n].pooling for n in layers},
+                code_version=__version__, stats=stats.as_dict())
     table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +124,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def read_column(path: str | os.PathLike, column: str) -> np.ndarray:
-    """A fixed-size-list column as a [N, d] float32 array (or a plain column as 1-D)."""
+    """A fixed-size-list column as a [N, d] array (float16 widened to float32; uint8 codes kept
+    as they are), or a plain column as 1-D."""
     col = pq.read_table(path, columns=[column]).column(column).combine_chunks()
     if pa.types.is_fixed_size_list(col.type):
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32)
+        values = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        return values.astype(np.float32) if values.dtype == np.float16 else values
     return col.to_numpy(zero_copy_only=False)

@@ -18,18 +18,40 @@ def num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def new_index(dim: int, factory: str) -> faiss.Index:
-    """An index from a factory string; flat indexes get an id map so they keep our ids."""
+def is_binary_factory(factory: str) -> bool:
+    """Binary (Hamming) index factories start with B: BFlat, BIVF<nlist>, BHNSW<m>."""
+    return factory.startswith("B")
+
+
+def new_index(dim: int, factory: str):
+    """An index from a factory string (``dim`` in bits for binary ones); flat indexes get an id
+    map so they keep our ids."""
+    if is_binary_factory(factory):
+        index = faiss.index_binary_factory(dim, factory)
+        return index if isinstance(index, faiss.IndexBinaryIVF) else faiss.IndexBinaryIDMap2(index)
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     if not isinstance(index, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap):
         index = faiss.IndexIDMap2(index)
     return index
 
 
-def train_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
-    """Train (k-means for IVF, codebooks for PQ/SQ) on a sample; uses GPUs when present."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = new_index(vectors.shape[1], factory)
+def _as_vectors(vectors: np.ndarray, binary: bool) -> np.ndarray:
+    return np.ascontiguousarray(vectors, dtype=np.uint8 if binary else np.float32)
+
+
+def train_index(vectors: np.ndarray, factory: str, seed: int = 0):
+    """Train (k-means for IVF, codebooks for PQ/SQ) on a sample; uses GPUs when present.
+    Binary factories take packed uint8 codes [N, bits / 8]."""
+    binary = is_binary_factory(factory)
+    vectors = _as_vectors(vectors, binary)
+    index = new_index(vectors.shape[1] * (8 if binary else 1), factory)
+    if binary:
+        if isinstance(index, faiss.IndexBinaryIVF) and len(vectors) < index.nlist:
+            raise ValueError(f"index factory {factory!r} needs at least {index.nlist} training "
+                             f"vectors, got {len(vectors)}: lower nlist or raise index.train_sample")
+        if not index.is_trained:
+            index.train(vectors)
+        return index
     ivf = faiss.extract_index_ivf(index) if _has_ivf(index) else None
     if ivf is not None:
         nlist = ivf.nlist
@@ -45,6 +67,8 @@ def train_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index
 
 
 def _has_ivf(index) -> bool:
+    if isinstance(index, faiss.IndexBinary):
+        return isinstance(index, faiss.IndexBinaryIVF)
     try:
         faiss.extract_index_ivf(index)
         return True
@@ -52,31 +76,56 @@ def _has_ivf(index) -> bool:
         return False
 
 
-def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
+def _ivf(index):
+    return index if isinstance(index, faiss.IndexBinaryIVF) else faiss.extract_index_ivf(index)
+
+
+def write_index(index, path: str | os.PathLike) -> None:
     """Atomic write (temp name + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    if isinstance(index, faiss.IndexBinary):
+        faiss.write_index_binary(index, str(tmp))
+    else:
+        faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def read_index(path: str | os.PathLike):
+    """A float or binary index file."""
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:
+        return faiss.read_index_binary(str(path))
 
 
 def populate_part(trained_path: str | os.PathLike, vectors: np.ndarray, ids: np.ndarray,
                   out_path: str | os.PathLike) -> int:
     """Add one shard's vectors with their ids to an empty copy of the trained index."""
-    index = faiss.read_index(str(trained_path))
+    index = read_index(trained_path)
     if index.ntotal:
         raise ValueError(f"{trained_path}: trained index is not empty ({index.ntotal} vectors)")
-    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+    vectors = _as_vectors(vectors, isinstance(index, faiss.IndexBinary))
+    width = vectors.shape[1] * (8 if isinstance(index, faiss.IndexBinary) else 1)
+    if len(vectors) and width != index.d:
+        raise ValueError(f"{trained_path}: index dimension {index.d}, vectors have {width}")
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, np.int64))
     write_index(index, out_path)
     return index.ntotal
 
 
 def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str | os.PathLike) -> int:
     """Merge populated parts into one index (IVF: inverted lists are concatenated)."""
-    merged = faiss.read_index(str(trained_path))
-    for part in part_paths:
-        merged.merge_from(faiss.read_index(str(part)), 0)
+    merged = read_index(trained_path)
+    for path in part_paths:
+        part = read_index(path)
+        if isinstance(part, faiss.IndexBinaryIDMap2):  # FAISS has no merge for these: re-add
+            codes = faiss.vector_to_array(faiss.downcast_IndexBinary(part.index).xb)
+            merged.add_with_ids(codes.reshape(part.ntotal, -1),
+                                faiss.vector_to_array(part.id_map).astype(np.int64))
+        else:
+            merged.merge_from(part, 0)
     write_index(merged, out_path)
     return merged.ntotal
 
@@ -84,27 +133,28 @@ def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str
 def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Index:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: index not found; run the index stage")
-    index = faiss.read_index(str(path))
+    index = read_index(path)
     set_nprobe(index, nprobe)
     return index
 
 
 def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
     if nprobe is not None and _has_ivf(index):
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        _ivf(index).nprobe = nprobe
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None
+def search(index, queries: np.ndarray, k: int, nprobe: int | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
-    """(squared L2 distances [N, k], ids [N, k]); id -1 where fewer than k results exist."""
+    """(distances [N, k], ids [N, k]): squared L2, or Hamming for binary indexes over packed
+    uint8 codes; id -1 where fewer than k results exist."""
     set_nprobe(index, nprobe)
-    return index.search(np.ascontiguousarray(queries, np.float32), k)
+    return index.search(_as_vectors(queries, isinstance(index, faiss.IndexBinary)), k)
 
 
 def all_ids(index: faiss.Index) -> np.ndarray:
     """Every id stored in the index (for verification), in no particular order."""
     if _has_ivf(index):
-        ivf = faiss.extract_index_ivf(index)
+        ivf = _ivf(index)
         invlists = ivf.invlists
         out = []
         for lst in range(ivf.nlist):
@@ -112,4 +162,6 @@ def all_ids(index: faiss.Index) -> np.ndarray:
             if n:
                 out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+    if isinstance(index, faiss.IndexBinary):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)

@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.config import parse_job
 from pipeline.features.backbones import file_sha256, load_model
-from pipeline.features.transforms import load_pca
+from pipeline.features.stack import load_stack, stack_hash
 from pipeline.index.faiss_index import load_index
 from pipeline.layout import JobLayout, read_json
 from pipeline.store.softmax_store import SoftmaxStore
@@ -42,9 +42,9 @@ def check_hashes(layout: JobLayout, layers) -> dict:
     if store_info["weights_sha256"] != actual:
         raise InconsistentJob(f"{layout.store_info}: softmax store built with other weights")
     for layer in layers:
-        sha = file_sha256(layout.transform_file(layer))
+        sha = stack_hash(layout.transform_dir(layer))
         if sha != transforms["files"][layer]:
-            raise InconsistentJob(f"{layout.transform_file(layer)}: changed since the job ran")
+            raise InconsistentJob(f"{layout.transform_dir(layer)}: changed since the job ran")
         info = read_json(layout.index_info(layer), "run the index stage")
         if info["transform_sha256"] != sha or info["weights_sha256"] != actual:
             raise InconsistentJob(f"{layout.index_info(layer)}: index built from other features")
@@ -58,7 +58,7 @@ def load_defense_parts(job_dir: str | os.PathLike, layers=None) -> dict:
     layers = list(layers or spec.features.layers)
     model_info = check_hashes(layout, layers)
     model = load_model(spec.model, model_info["path"])
-    transforms = {name: load_pca(layout.transform_file(name)) for name in layers}
+    transforms = {name: load_stack(layout.transform_dir(name)) for name in layers}
     indexes = {name: load_index(layout.merged_index(name), spec.index.nprobe) for name in layers}
     store = SoftmaxStore(layout.store_dir, spec.store.partitions)
     return {"spec": spec, "model": model, "transforms": transforms, "indexes": indexes, "store": store}

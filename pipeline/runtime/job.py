@@ -211,11 +211,12 @@ def stage_train(run: JobRun) -> None:
 def stage_transforms(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
     fs = spec.features
-    fp = fingerprint(run.state["weights_sha256"], fs.layers, fs.pooling, fs.pca_dim, fs.pca_sample,
+    fp = fingerprint(run.state["weights_sha256"], fs.layers, fs.pooling, fs.rmac_sample, fs.pca_dim,
+                     fs.pca_sample, fs.whiten, fs.storage, spec.seed,
                      [s["url"] for s in run.state["shards"]])
     result = run.single("transforms", tasks.fit_transforms_task, fp, spec.model_dump(),
-                        run.state["shards"], run.state["weights"], str(layout.transforms_dir),
-                        run.task_cpus, num_cpus=run.task_cpus)
+                        run.state["shards"], run.state["weights"], str(layout.root),
+                        run.task_cpus, num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
     if result is not None:
         write_json(layout.transforms_info, {"weights_sha256": run.state["weights_sha256"],
                                             "files": result["files"], "fingerprint": fp,
@@ -226,12 +227,11 @@ def stage_transforms(run: JobRun) -> None:
 
 def stage_features(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
-    fs = spec.features
     subset = _subset_for(run, "features")
-    fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"], fs.dtype,
+    fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"],
                      spec.data.max_image_pixels, __version__, run.state["subset_fp"] if subset else None)
     provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
-                  "transform_sha256": run.state["transform_sha256"], "dtype": fs.dtype}
+                  "transform_sha256": run.state["transform_sha256"]}
     units = [Unit(f"{s['shard_index']:05d}", tasks.features_task,
                   (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
                    str(layout.root), provenance, 1, subset)) for s in run.state["shards"]]
@@ -250,10 +250,10 @@ def stage_index(run: JobRun) -> None:
     for layer in spec.features.layers:
         run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
                    spec.index.factory, spec.index.train_sample, spec.seed,
-                   str(layout.trained_index(layer)), num_cpus=run.task_cpus)
+                   str(layout.trained_index(layer)), str(layout.root), num_cpus=run.task_cpus)
     units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
                   (layer, str(layout.trained_index(layer)), files[j],
-                   str(layout.index_part(layer, s["shard_index"])), subset))
+                   str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset))
              for layer in spec.features.layers for j, s in enumerate(shards)]
     # One fingerprint per stage: combine the layers' ones (each unit names its layer).
     run.run("index.populate", units, fingerprint(fps), desc="index populate")

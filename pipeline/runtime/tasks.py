@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,12 +14,12 @@ from pipeline.data.subsets import selected_keys
 from pipeline.features.backbones import decode_args, images_to_tensor, load_model
 from pipeline.features.extract import (
     extract_shard,
-    forward_features,
+    forward_taps,
     read_column,
     read_metadata,
     to_best_device,
 )
-from pipeline.features.transforms import fit_pca, load_pca, save_pca
+from pipeline.features.stack import fit_stacks, load_stack
 from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index
 from pipeline.layout import JobLayout
 from pipeline.store.softmax_store import write_partition
@@ -54,32 +53,41 @@ def _evenly_spaced(items: list, want: int, per_item: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, out_dir: str,
+def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, job_dir: str,
                         num_threads: int | None = None) -> dict:
-    """Fit a PCA per layer on pooled features of ``features.pca_sample`` database images."""
+    """Fit every layer's transform stack (pooling, PCA, storage codes) on
+    ``features.pca_sample`` database images spread over the shards; returns {layer: hash}."""
     _threads(num_threads)
     job = JobSpec.model_validate(spec)
     fs = job.features
-    model = load_model(job.model, weights)
+    layout = JobLayout(job_dir)
+    model = to_best_device(load_model(job.model, weights))
     decode = decode_args(model)
     per_shard = max(1, round(np.mean([s["num_samples"] for s in shard_table])))
     shards = _evenly_spaced(shard_table, fs.pca_sample, per_shard)
     take = math.ceil(fs.pca_sample / len(shards))
-    pooled: dict[str, list] = {name: [] for name in fs.layers}
-    for shard in shards:
-        _, images, _, _ = load_images([shard["url"]], decode["channels"], decode["size"],
-                                      job.data.max_image_pixels, take, decode["resize"],
-                                      decode["interpolation"])
-        x = images_to_tensor(images)
-        for start in range(0, len(x), fs.batch_size):
-            feats, _ = forward_features(model, x[start:start + fs.batch_size], fs.layers, fs.pooling)
-            for name, v in feats.items():
-                pooled[name].append(v)
-    files = {}
-    for name in fs.layers:
-        sample = np.concatenate(pooled[name])[: fs.pca_sample]
-        files[name] = save_pca(fit_pca(sample, fs.pca_dim), Path(out_dir) / f"{name}.npz")
-    return {"files": files, "sample_size": int(min(fs.pca_sample, len(sample)))}
+    images = np.concatenate([
+        load_images([shard["url"]], decode["channels"], decode["size"], job.data.max_image_pixels,
+                    take, decode["resize"], decode["interpolation"])[1] for shard in shards
+    ])[: fs.pca_sample]
+
+    def forward_batches(limit):
+        with torch.inference_mode():
+            for start in range(0, len(images) if limit is None else min(limit, len(images)),
+                               fs.batch_size):
+                yield forward_taps(model, images_to_tensor(images[start:start + fs.batch_size]),
+                                   fs.layers)[1]
+
+    stacks = fit_stacks(forward_batches, fs.layers, pooling=fs.pooling, pca_dim=fs.pca_dim,
+                        whiten=fs.whiten, storage=fs.storage, rmac_sample=fs.rmac_sample,
+                        seed=job.seed)
+    files = {name: stack.save(layout.transform_dir(name)) for name, stack in stacks.items()}
+    return {"files": files, "sample_size": len(images)}
+
+
+def load_stacks(job_dir: str, layers) -> dict:
+    layout = JobLayout(job_dir)
+    return {name: load_stack(layout.transform_dir(name)) for name in layers}
 
 
 def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir: str,
@@ -91,24 +99,28 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
     layout = JobLayout(job_dir)
     fs = job.features
     model = to_best_device(load_model(job.model, weights))
-    transforms = {name: load_pca(layout.transform_file(name)) for name in fs.layers}
-    return extract_shard(model, transforms, url, shard_index, str(layout.features_file(shard_index)),
-                         layers=fs.layers, pooling=fs.pooling, dtype=fs.dtype, batch_size=fs.batch_size,
-                         decode=decode_args(model),
+    return extract_shard(model, load_stacks(job_dir, fs.layers), url, shard_index,
+                         str(layout.features_file(shard_index)), layers=fs.layers,
+                         batch_size=fs.batch_size, decode=decode_args(model),
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
                          num_threads=num_threads, only_keys=only, decode_workers=fs.decode_workers)
 
 
+def _search_vectors(feature_file: str, layer: str, job_dir: str) -> np.ndarray:
+    """A shard's stored codes for ``layer`` as FAISS takes them (floats or packed bits)."""
+    return load_stacks(job_dir, [layer])[layer].search_vectors(read_column(feature_file, layer))
+
+
 def train_index_task(layer: str, feature_files: list[str], factory: str, sample: int, seed: int,
-                     out_path: str) -> dict:
+                     out_path: str, job_dir: str) -> dict:
     """Train the layer's index on up to ``sample`` vectors spread over the feature shards."""
     rows = [pq.read_metadata(f).num_rows for f in feature_files]
     files = _evenly_spaced(feature_files, sample, max(1, int(np.mean(rows))))
     take = math.ceil(sample / len(files))
-    vectors = np.concatenate([read_column(f, layer)[:take] for f in files])[:sample]
+    vectors = np.concatenate([_search_vectors(f, layer, job_dir)[:take] for f in files])[:sample]
     index = train_index(vectors, factory, seed)
     write_index(index, out_path)
-    return {"train_vectors": len(vectors), "dim": int(vectors.shape[1])}
+    return {"train_vectors": len(vectors), "code_size": int(vectors.shape[1])}
 
 
 def _subset_rows(feature_file: str, subset_manifest: str | None) -> np.ndarray | slice:
@@ -121,9 +133,10 @@ def _subset_rows(feature_file: str, subset_manifest: str | None) -> np.ndarray |
 
 
 def populate_task(layer: str, trained_path: str, feature_file: str, out_path: str,
-                  subset_manifest: str | None = None) -> dict:
+                  job_dir: str, subset_manifest: str | None = None) -> dict:
     rows = _subset_rows(feature_file, subset_manifest)
-    vectors, ids = read_column(feature_file, layer)[rows], read_column(feature_file, "id")[rows]
+    vectors = _search_vectors(feature_file, layer, job_dir)[rows]
+    ids = read_column(feature_file, "id")[rows]
     return {"added": populate_part(trained_path, vectors, ids.astype(np.int64), out_path)}
 
 
