@@ -219,8 +219,11 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
         tops = ", ".join(f"{c}:{scores[j, c]:.3f}" for c in top)
         click.echo(f"{path}\tlabel={labels[j]}\tundefended={undefended[j]}\ttop=[{tops}]")
         if show_neighbours:
-            for d, i in zip(neigh.distances[j][:10], neigh.ids[j][:10], strict=True):
-                click.echo(f"    id={i} dist={d:.4f}")
+            keys = defense.keys_of(neigh.ids[j][:10])
+            label_of = neigh.softmax[j][:10].argmax(1)
+            for d, i, key, c in zip(neigh.distances[j][:10], neigh.ids[j][:10], keys, label_of,
+                                    strict=True):
+                click.echo(f"    key={key} id={i} dist={d:.4f} neighbour_label={c}")
     defense.store.close()
 
 

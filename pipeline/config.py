@@ -142,6 +142,9 @@ class IndexSpec(_Strict):
     train_sample: Annotated[int, Field(gt=0)] = 20_000
     nprobe: Annotated[int, Field(gt=0)] = 32
     metric: Literal["l2"] = "l2"
+    # merged: one index per layer; sharded: one per store partition (same partition(id)), searched
+    # together (IndexShards) or by co-located Ray actors that also own the store partition.
+    layout: Literal["merged", "sharded"] = "merged"
 
 
 class StoreSpec(_Strict):

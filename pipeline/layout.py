@@ -45,6 +45,9 @@ class JobLayout:
     def merged_index(self, layer: str) -> Path:
         return self.index_dir(layer) / "index.faiss"
 
+    def index_shard(self, layer: str, partition_index: int) -> Path:
+        return self.index_dir(layer) / f"shard-{partition_index:03d}.faiss"
+
     def index_info(self, layer: str) -> Path:
         return self.index_dir(layer) / "index.json"
 

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.defense.searchers import ColocatedSearcher, LocalSearcher, Neighbours, concat
 from pipeline.defense.weighting import predict as weighted_vote
 from pipeline.defense.weighting import vote
 from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, stack_poolers
-from pipeline.index.faiss_index import search
-
-
-@dataclass
-class Neighbours:
-    distances: np.ndarray  # [N, K] squared L2
-    ids: np.ndarray  # [N, K] int64, -1 = no result
-    softmax: np.ndarray  # [N, K, C]
-    found: np.ndarray  # [N, K] bool
-    weights: np.ndarray | None = None  # [N, K, 2] stored (CBW-E, CBW-D) weights, topk stores
 
 
 class DefendedClassifier:
@@ -32,32 +22,48 @@ class DefendedClassifier:
     from one forward pass, for evaluation grids and attacks that need them.
     """
 
-    def __init__(self, model, transforms: dict, indexes: dict, store, *, layer: str | None = None,
+    def __init__(self, model, transforms: dict, indexes: dict | None = None, store=None, *,
+                 searcher=None, layer: str | None = None,
                  weighting: str = "cbw_d", k: int = 50, nprobe: int | None = None,
                  cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
                  stored_weights: bool = False):
         self.model = model.eval()
         self.transforms, self.indexes, self.store = transforms, indexes, store
-        self.layers = list(indexes)
+        self.layers = list(transforms)
         self.layer = layer or self.layers[-1]
         self.weighting, self.k, self.nprobe = weighting, k, nprobe
         self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
         # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
         # before truncation; use those instead of recomputing them from the truncated one.
         self.stored_weights = stored_weights
+        self.keys_of = None  # id -> key lookup, set by from_job
+        # Neighbours come from the local indexes + store, or from co-located partition actors.
+        self.searcher = searcher or LocalSearcher(indexes, store, nprobe, stored_weights,
+                                                  cbw_d_m, cbw_d_p)
 
     @classmethod
-    def from_job(cls, job_dir: str | os.PathLike, **overrides) -> DefendedClassifier:
-        """Load a finished job folder (checks that its recorded hashes agree)."""
+    def from_job(cls, job_dir: str | os.PathLike, colocated: bool = False,
+                 **overrides) -> DefendedClassifier:
+        """Load a finished job folder (checks that its recorded hashes agree). ``colocated``:
+        search through one Ray actor per partition (needs ``index.layout: sharded``)."""
         from pipeline.runtime.artifacts import load_defense_parts
 
-        parts = load_defense_parts(job_dir)
+        parts = load_defense_parts(job_dir, local_search=not colocated)
         spec = parts.pop("spec")
+        if colocated:
+            if spec.index.layout != "sharded":
+                raise ValueError(f"{job_dir}: co-located search needs index.layout: sharded")
+            parts["searcher"] = ColocatedSearcher(job_dir, spec.features.layers,
+                                                  spec.store.partitions)
         kwargs = dict(k=spec.evaluate.k, nprobe=spec.index.nprobe,
                       cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=spec.store.encoding == "topk")
         kwargs.update(overrides)
-        return cls(**parts, **kwargs)
+        defense = cls(**parts, **kwargs)
+        from pipeline.runtime.artifacts import KeyLookup
+
+        defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
+        return defense
 
     def _as_tensor(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.is_floating_point():
@@ -76,17 +82,12 @@ class DefendedClassifier:
                                                stack_poolers(self.transforms))
             probs.append(softmax)
             for name, feats in pooled.items():
-                dist, ids = search(self.indexes[name], self.transforms[name].query_vectors(feats),
-                                   k, self.nprobe)
-                if self.stored_weights:
-                    got = self.store.get_many(ids, True, self.cbw_d_m, self.cbw_d_p)
-                else:
-                    got = self.store.get_many(ids)
-                found[name].append(Neighbours(dist, ids, *got))
-        fields = ["distances", "ids", "softmax", "found"] + (["weights"] if self.stored_weights else [])
-        merged = {name: Neighbours(*(np.concatenate([getattr(n, f) for n in parts]) for f in fields))
-                  for name, parts in found.items()}
-        return np.concatenate(probs), merged
+                vectors = self.transforms[name].query_vectors(feats)
+                found[name].append(self.searcher.neighbours(name, vectors, k))
+        return np.concatenate(probs), {name: concat(parts) for name, parts in found.items()}
+
+    def close(self) -> None:
+        self.searcher.close()
 
     def vote(self, neighbours: Neighbours, weighting: str | None = None
              ) -> tuple[np.ndarray, np.ndarray]:

@@ -130,6 +130,39 @@ def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str
     return merged.ntotal
 
 
+class ShardedIndex:
+    """Several index shards searched as one: FAISS IndexShards sends each query to every shard
+    (in threads) and merges the top-k; our ids are kept, not renumbered."""
+
+    def __init__(self, members: list):
+        self.members = list(members)  # FAISS does not own the shards: keep them alive here
+        self.binary = isinstance(members[0], faiss.IndexBinary)
+        cls = faiss.IndexBinaryShards if self.binary else faiss.IndexShards
+        self.combined = cls(members[0].d, True, False)  # threaded, successive_ids=False
+        for index in self.members:
+            self.combined.add_shard(index)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(m.ntotal for m in self.members)
+
+    @property
+    def d(self) -> int:
+        return self.members[0].d
+
+
+def shard_set(indexes: list) -> ShardedIndex | object:
+    return indexes[0] if len(indexes) == 1 else ShardedIndex(indexes)
+
+
+def _members(index) -> list:
+    return index.members if isinstance(index, ShardedIndex) else [index]
+
+
+def _is_binary(index) -> bool:
+    return index.binary if isinstance(index, ShardedIndex) else isinstance(index, faiss.IndexBinary)
+
+
 def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Index:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: index not found; run the index stage")
@@ -138,9 +171,10 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Inde
     return index
 
 
-def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
-    if nprobe is not None and _has_ivf(index):
-        _ivf(index).nprobe = nprobe
+def set_nprobe(index, nprobe: int | None) -> None:
+    for member in _members(index):
+        if nprobe is not None and _has_ivf(member):
+            _ivf(member).nprobe = nprobe
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None
@@ -148,11 +182,14 @@ def search(index, queries: np.ndarray, k: int, nprobe: int | None = None
     """(distances [N, k], ids [N, k]): squared L2, or Hamming for binary indexes over packed
     uint8 codes; id -1 where fewer than k results exist."""
     set_nprobe(index, nprobe)
-    return index.search(_as_vectors(queries, isinstance(index, faiss.IndexBinary)), k)
+    target = index.combined if isinstance(index, ShardedIndex) else index
+    return target.search(_as_vectors(queries, _is_binary(index)), k)
 
 
-def all_ids(index: faiss.Index) -> np.ndarray:
+def all_ids(index) -> np.ndarray:
     """Every id stored in the index (for verification), in no particular order."""
+    if isinstance(index, ShardedIndex):
+        return np.concatenate([all_ids(m) for m in index.members])
     if _has_ivf(index):
         ivf = _ivf(index)
         invlists = ivf.invlists

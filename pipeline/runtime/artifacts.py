@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import yaml
 
 from pipeline.config import parse_job
 from pipeline.features.backbones import file_sha256, load_model
 from pipeline.features.stack import load_stack, stack_hash
-from pipeline.index.faiss_index import load_index
+from pipeline.index.faiss_index import load_index, shard_set
 from pipeline.layout import JobLayout, read_json
 from pipeline.store.softmax_store import SoftmaxStore
 
@@ -51,14 +52,54 @@ def check_hashes(layout: JobLayout, layers) -> dict:
     return model_info
 
 
-def load_defense_parts(job_dir: str | os.PathLike, layers=None) -> dict:
-    """Everything DefendedClassifier needs, from a job folder."""
+def load_defense_parts(job_dir: str | os.PathLike, layers=None, local_search: bool = True) -> dict:
+    """Everything DefendedClassifier needs, from a job folder (without the indexes and the
+    store when another process searches them)."""
     spec = load_spec(job_dir)
     layout = JobLayout(job_dir)
     layers = list(layers or spec.features.layers)
     model_info = check_hashes(layout, layers)
     model = load_model(spec.model, model_info["path"])
     transforms = {name: load_stack(layout.transform_dir(name)) for name in layers}
-    indexes = {name: load_index(layout.merged_index(name), spec.index.nprobe) for name in layers}
-    store = SoftmaxStore(layout.store_dir, spec.store.partitions)
-    return {"spec": spec, "model": model, "transforms": transforms, "indexes": indexes, "store": store}
+    parts = {"spec": spec, "model": model, "transforms": transforms}
+    if local_search:
+        parts["indexes"] = {name: load_layer_index(layout, name, spec.index.nprobe) for name in layers}
+        parts["store"] = SoftmaxStore(layout.store_dir, spec.store.partitions)
+    return parts
+
+
+def load_layer_index(layout: JobLayout, layer: str, nprobe: int | None = None,
+                     partitions: list[int] | None = None):
+    """A layer's index: the merged one, or its shards searched as one (or only ``partitions``)."""
+    info = read_json(layout.index_info(layer), "run the index stage")
+    if info.get("layout", "merged") == "merged":
+        return load_index(layout.merged_index(layer), nprobe)
+    wanted = range(info["shards"]) if partitions is None else partitions
+    return shard_set([load_index(layout.index_shard(layer, p), nprobe) for p in wanted])
+
+
+class KeyLookup:
+    """id -> sample key through the shard table and the shard's Parquet file (ids are
+    ``shard << 24 | row``); keeps the key columns of recently used shards."""
+
+    def __init__(self, job_dir: str | os.PathLike, cache_shards: int = 64):
+        import functools
+
+        import pyarrow.parquet as pq
+
+        layout = JobLayout(job_dir)
+
+        @functools.lru_cache(maxsize=cache_shards)
+        def shard_keys(shard_index: int) -> list[str]:
+            path = layout.features_file(shard_index)
+            return pq.read_table(path, columns=["key"]).column("key").to_pylist()
+
+        self._shard_keys = shard_keys
+
+    def __call__(self, ids) -> list:
+        from pipeline.ids import NO_RESULT, split_ids
+
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        shards, rows = split_ids(flat)
+        return [None if i == NO_RESULT else self._shard_keys(int(s))[int(r)]
+                for i, s, r in zip(flat.tolist(), shards.tolist(), rows.tolist(), strict=True)]

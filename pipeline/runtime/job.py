@@ -257,13 +257,26 @@ def stage_index(run: JobRun) -> None:
              for layer in spec.features.layers for j, s in enumerate(shards)]
     # One fingerprint per stage: combine the layers' ones (each unit names its layer).
     run.run("index.populate", units, fingerprint(fps), desc="index populate")
+    num_parts = spec.store.partitions
     for layer in spec.features.layers:
-        parts = [str(layout.index_part(layer, s["shard_index"])) for s in shards]
-        result = run.single(f"index.merge.{layer}", tasks.merge_task, fps[layer],
-                            str(layout.trained_index(layer)), parts, str(layout.merged_index(layer)))
-        if result is not None:
+        if spec.index.layout == "merged":
+            groups = {None: [s["shard_index"] for s in shards]}
+        else:  # one index shard per store partition: co-locatable with it
+            groups = {p: [s["shard_index"] for s in shards
+                          if partition_of_shard(s["shard_index"], num_parts) == p]
+                      for p in range(num_parts)}
+        units = [Unit(f"{layer}/{'merged' if p is None else f'shard-{p:03d}'}", tasks.merge_task,
+                      (str(layout.trained_index(layer)),
+                       [str(layout.index_part(layer, i)) for i in members],
+                       str(layout.merged_index(layer) if p is None else layout.index_shard(layer, p))))
+                 for p, members in groups.items()]
+        results = run.run(f"index.merge.{layer}", units, fps[layer], desc=f"index merge {layer}")
+        if results or not layout.index_info(layer).is_file():
+            counts = dict(run.manifest.unit_counts(f"index.merge.{layer}", fps[layer]))
             write_json(layout.index_info(layer), {
-                "factory": spec.index.factory, "nprobe": spec.index.nprobe, "ntotal": result["ntotal"],
+                "factory": spec.index.factory, "nprobe": spec.index.nprobe,
+                "layout": spec.index.layout, "shards": None if None in groups else num_parts,
+                "ntotal": sum(c["ntotal"] for c in counts.values()),
                 "transform_sha256": run.state["transform_sha256"][layer],
                 "weights_sha256": run.state["weights_sha256"], "fingerprint": fps[layer]})
 

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 
 from pipeline.data.subsets import selected_keys
 from pipeline.features.extract import read_metadata
-from pipeline.index.faiss_index import all_ids, load_index
+from pipeline.index.faiss_index import all_ids
 from pipeline.layout import JobLayout
+from pipeline.runtime.artifacts import load_layer_index
 from pipeline.store.softmax_store import SoftmaxStore
 
 
@@ -69,7 +70,7 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
     if len(set(all_keys)) != len(all_keys):
         raise VerifyFailed(f"parquet: {len(all_keys) - len(set(all_keys))} duplicated sample keys")
     for layer in layers:
-        _check_same(f"index {layer}", all_ids(load_index(layout.merged_index(layer))), expected)
+        _check_same(f"index {layer}", all_ids(load_layer_index(layout, layer)), expected)
     with SoftmaxStore(layout.store_dir, partitions) as store:
         _check_same("store", np.fromiter(store.iter_ids(), np.int64), expected)
     return {"keys": int(expected.size), "skipped": skipped, "layers": list(layers),

@@ -366,6 +366,8 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
                 ok = ids[j] != -1
                 item["neighbours"] = {"ids": ids[j][ok].tolist(),
                                       "distances": dists[j][ok].astype(float).tolist()}
+                if getattr(defense, "keys_of", None) is not None:
+                    item["neighbours"]["keys"] = defense.keys_of(ids[j][ok])
             results.append(item)
         return {"layer": layer, "weighting": weighting, "k": k, "results": results}
 

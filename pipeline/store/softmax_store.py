@@ -207,19 +207,34 @@ def write_partition(store_dir: str | os.PathLike, partition_index: int, rows,
     return count
 
 
-class SoftmaxStore:
-    """Read side: opens every partition of a store in this process."""
+class StoreLocked(RuntimeError):
+    pass
 
-    def __init__(self, store_dir: str | os.PathLike, num_partitions: int):
+
+class SoftmaxStore:
+    """Read side: opens every partition of a store in this process, or only ``only`` (a
+    co-located server owns one partition). The owning process may read from many threads."""
+
+    def __init__(self, store_dir: str | os.PathLike, num_partitions: int,
+                 only: list[int] | None = None):
         self.store_dir = Path(store_dir)
         self.num_partitions = num_partitions
-        self._dbs = []
-        for p in range(num_partitions):
+        self._dbs: dict[int, plyvel.DB] = {}
+        for p in range(num_partitions) if only is None else only:
             path = partition_dir(store_dir, p)
             if not path.is_dir():
                 self.close()
                 raise FileNotFoundError(f"{path}: store partition missing; run the store stage")
-            self._dbs.append(plyvel.DB(str(path), create_if_missing=False))
+            try:
+                self._dbs[p] = plyvel.DB(str(path), create_if_missing=False)
+            except plyvel.IOError as err:
+                self.close()
+                if "lock" in str(err).lower():
+                    raise StoreLocked(
+                        f"{path}: already open (LevelDB allows one opener per partition: another "
+                        "process, or another SoftmaxStore in this one); query through its owner, "
+                        "e.g. the `knn-defense serve` service or a co-located Ray actor") from None
+                raise
 
     def get_many(self, ids: np.ndarray, with_weights: bool = False, m: int = 20, p: float = 3.0):
         """Softmax vectors for an id array of any shape -> (values [..., C], found mask [...]),
@@ -235,7 +250,10 @@ class SoftmaxStore:
                 rows.append(None)
                 weights.append((0.0, 0.0))
                 continue
-            value = self._dbs[part].get(id_key(i))
+            db = self._dbs.get(part)
+            if db is None:
+                raise KeyError(f"id {i} is in partition {part}, not open in this process")
+            value = db.get(id_key(i))
             if value is None:
                 raise KeyError(f"id {i} not in softmax store {self.store_dir} (partition {part})")
             if with_weights:
@@ -259,14 +277,14 @@ class SoftmaxStore:
         return result
 
     def iter_ids(self):
-        for db in self._dbs:
+        for db in self._dbs.values():
             for key in db.iterator(include_value=False):
                 yield struct.unpack(">q", key)[0]
 
     def close(self) -> None:
-        for db in self._dbs:
+        for db in self._dbs.values():
             db.close()
-        self._dbs = []
+        self._dbs = {}
 
     def __enter__(self):
         return self
