@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -52,13 +53,24 @@ class JobLayout:
         return self.index_dir(layer) / "index.json"
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomic JSON write."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a unique temp file beside ``path`` and rename it into place: readers see the
+    old file or the new one, never half of one; a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic JSON write."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(path: str | os.PathLike, what: str = "") -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.features.backbones import file_sha256
+from pipeline.layout import atomic_write_bytes
 
 FORMAT_VERSION = 1
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
@@ -259,18 +259,6 @@ Quantizer = ScalarQuantizer8 | SignQuantizer | ITQ
 KINDS: dict[str, type] = {c.kind: c for c in (ScalarQuantizer8, SignQuantizer, ITQ)}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantizer(q: Quantizer, path: str | os.PathLike) -> str:
     """Write ``q`` atomically as npz (``kind``, ``format_version`` + its arrays; the bytes depend
     only on the contents); returns the file's sha256."""
@@ -280,7 +268,7 @@ def save_quantizer(q: Quantizer, path: str | os.PathLike) -> str:
     buf = io.BytesIO()
     np.savez(buf, kind=np.array(q.kind), format_version=np.array(FORMAT_VERSION, np.int64),
              **q._arrays())
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return file_sha256(path)
 
 

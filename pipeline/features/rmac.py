@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from pipeline.features.backbones import file_sha256
 from pipeline.features.transforms import fit_pca
+from pipeline.layout import atomic_write_bytes
 
 Region = tuple[int, int, int, int]  # (y, x, height, width) in feature-map cells
 
@@ -168,25 +168,13 @@ def rmac(fmap: torch.Tensor, regions: Sequence[Region] | None = None,
     return _l2n(v.sum(dim=1), eps)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_whitening(w: Whitening, path: str | os.PathLike) -> str:
     """Write atomically (npz, deterministic bytes); returns the file's sha256."""
     path = Path(path)
     buf = io.BytesIO()
     np.savez(buf, kind=np.array("rmac_whitening"), mean=np.asarray(w.mean, np.float32),
              projection=np.asarray(w.projection, np.float32))
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return file_sha256(path)
 
 

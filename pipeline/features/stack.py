@@ -34,6 +34,7 @@ from pipeline.features.rmac import (
     save_whitening,
 )
 from pipeline.features.transforms import PCA, fit_pca, load_pca, save_pca
+from pipeline.layout import atomic_write_bytes
 
 BINARY_CODES = ("itq", "sign")
 
@@ -109,9 +110,7 @@ class LayerTransform:
             files["quantizer.npz"] = save_quantizer(self.quantizer, folder / "quantizer.npz")
         meta = {"pooling": self.pooling, "whiten": self.whiten, "storage": self.storage,
                 "files": files}
-        tmp = folder / "stack.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, folder / "stack.json")
+        atomic_write_bytes(folder / "stack.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         return stack_hash(folder)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.features.backbones import file_sha256
+from pipeline.layout import atomic_write_bytes
 
 
 @dataclass
@@ -46,13 +46,9 @@ def fit_pca(x: np.ndarray, dim: int) -> PCA:
 
 def save_pca(pca: PCA, path: str | os.PathLike) -> str:
     """Write atomically; returns the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, mean=pca.mean, components=pca.components, explained_variance=pca.explained_variance)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return file_sha256(path)
 
 
