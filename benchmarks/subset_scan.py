@@ -61,12 +61,13 @@ def write_shards(root: Path) -> list[str]:
     return urls
 
 
-def plain_tarfile_loop(urls: list[str], read_exts: tuple[str, ...]) -> int:
-    """The members a scan reads, read with nothing else done: the physical limit of the stream
-    scan (IG-N-All reads no member data, only headers; IG-N-Targeted reads json and txt)."""
+def plain_tarfile_loop(urls: list[str], read_exts: tuple[str, ...], mode: str) -> int:
+    """The members a scan reads, read with nothing else done (IG-N-All reads no member data,
+    only headers; IG-N-Targeted reads json and txt): `r|` streams through every byte, `r:`
+    seeks over unread members. The faster of the two is the reference."""
     n = 0
     for url in urls:
-        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tar:
             for info in tar:
                 if info.name.endswith(read_exts):
                     tar.extractfile(info).read()
@@ -124,20 +125,24 @@ def main() -> None:
         urls = write_shards(root)
         results["generate_seconds"] = round(time.perf_counter() - t, 1)
         n = SHARDS * PER_SHARD
-        runs = {"plain_headers": lambda: plain_tarfile_loop(urls, ()),
-                "plain_json_txt": lambda: plain_tarfile_loop(urls, (".json", ".txt")),
+        runs = {"plain_headers_stream": lambda: plain_tarfile_loop(urls, (), "r|"),
+                "plain_headers_seek": lambda: plain_tarfile_loop(urls, (), "r:"),
+                "plain_json_txt_stream": lambda: plain_tarfile_loop(urls, (".json", ".txt"), "r|"),
+                "plain_json_txt_seek": lambda: plain_tarfile_loop(urls, (".json", ".txt"), "r:"),
                 "all": lambda: scan(urls, "all", root), "targeted": lambda: scan(urls, "targeted", root)}
         timings: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(3):  # interleaved: all four see the same machine state
+        for _ in range(3):  # interleaved: all see the same machine state
             for name, fn in runs.items():
                 t = time.perf_counter()
                 assert fn() == n
                 timings[name].append(n / (time.perf_counter() - t))
         rates = {k: float(np.median(v)) for k, v in timings.items()}
+        headers = max(rates["plain_headers_stream"], rates["plain_headers_seek"])
+        json_txt = max(rates["plain_json_txt_stream"], rates["plain_json_txt_seek"])
         results["scan"] = {
             **{f"{k}_samples_per_s": round(v) for k, v in rates.items()},
-            "ratio_all_over_plain_headers": round(rates["all"] / rates["plain_headers"], 3),
-            "ratio_targeted_over_plain_json_txt": round(rates["targeted"] / rates["plain_json_txt"], 3),
+            "ratio_all_over_best_plain_headers": round(rates["all"] / headers, 3),
+            "ratio_targeted_over_best_plain_json_txt": round(rates["targeted"] / json_txt, 3),
         }
     results["merge_memory"] = [merge_memory(1_000_000, 100), merge_memory(10_000_000, 100)]
     results["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -23,6 +23,8 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.data.tarstream import iter_members
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_EXTS = ("json", "txt", "cls")
 _TAR_BUFSIZE = 1 << 16  # tarfile's stream reads; its 10 KiB default means many small reads
@@ -101,40 +103,51 @@ class Sample:
 def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
                 ) -> Iterator[tuple[str, str, int, bytes | None]]:
     """Regular files of a tar, streamed, as (key, extension, size, data); ``data`` is None for
-    members ``wanted(key, ext)`` rejects (their bytes are skipped, not read).
+    members ``wanted(key, ext)`` rejects (their bytes are skipped unread: seeked over locally).
 
-    Python's tarfile ends quietly at a truncated header, so the end of the last member is checked
-    against the file size (a whole tar ends with two zero blocks); a truncated member or header
-    ends the stream with a counted ``truncated_tar``."""
+    A truncated or corrupt tar ends the stream with a counted ``truncated_tar`` after the
+    members before the damage; so does a file that ends without the end-of-archive blocks."""
     fs, path = fsspec.core.url_to_fs(url)
     size = fs.size(path)
-    end = 0
+    end, compressed = 0, False
+
+    def member_filter(name: str) -> bool:
+        prefix, suffix = base_plus_ext(name)
+        return prefix is not None and (wanted is None or wanted(prefix, suffix.lower()))
+
     try:
         # Plain buffered open for local files: fsspec's local wrapper costs ~15% of a scan.
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        opener = open(path, "rb") if local else fs.open(path, "rb")
-        with opener as stream, tarfile.open(fileobj=stream, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
-            for info in tar:
-                end = info.offset_data + ((info.size + 511) // 512) * 512
-                if not info.isreg() or _META_MEMBER.match(info.name):
+        with open(path, "rb") if local else fs.open(path, "rb") as stream:
+            compressed = stream.read(2) in (b"\x1f\x8b", b"BZ") or path.endswith(".xz")
+            stream.seek(0)
+            members = _tarfile_members(stream) if compressed else iter_members(stream, member_filter)
+            for name, member_size, data, member_end in members:
+                end = member_end
+                if _META_MEMBER.match(name):
                     continue
-                prefix, suffix = base_plus_ext(info.name)
+                prefix, suffix = base_plus_ext(name)
                 if prefix is None:
                     continue
-                suffix = suffix.lower()
-                data = None
-                if wanted is None or wanted(prefix, suffix):
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
-                yield prefix, suffix, info.size, data
-                tar.members = []  # streaming: keep no index of members
+                yield prefix, suffix.lower(), member_size, data
     except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
         stats.problem("truncated_tar", f"{url}: {exn}")
         return
-    if size is not None and size < end + 1024:
+    if size is not None and not compressed and size < end + 1024:
         stats.problem("truncated_tar", f"{url}: ends at byte {size}, before the end-of-archive blocks "
                                         f"(last whole member ends at {end})")
+
+
+def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes, int]]:
+    """Compressed tars: the standard library's stream reader (every member read)."""
+    with tarfile.open(fileobj=stream, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
+        for info in tar:
+            if info.isreg():
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
+                yield info.name, info.size, data, 0  # no end check for compressed files
+            tar.members = []
 
 
 def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
