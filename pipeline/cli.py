@@ -221,9 +221,10 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
         if show_neighbours:
             keys = defense.keys_of(neigh.ids[j][:10])
             label_of = neigh.softmax[j][:10].argmax(1)
-            for d, i, key, c in zip(neigh.distances[j][:10], neigh.ids[j][:10], keys, label_of,
-                                    strict=True):
-                click.echo(f"    key={key} id={i} dist={d:.4f} neighbour_label={c}")
+            weight_of = defense.weights_for(neigh)[j][:10]
+            for d, i, key, c, w in zip(neigh.distances[j][:10], neigh.ids[j][:10], keys, label_of,
+                                       weight_of, strict=True):
+                click.echo(f"    key={key} id={i} dist={d:.4f} neighbour_label={c} weight={w:.4f}")
     defense.store.close()
 
 

@@ -154,3 +154,19 @@ def test_colocated_actors_answer_like_the_local_search(sharded_job):
             assert np.array_equal(remote.vote(got[layer])[0], local.vote(want[layer])[0])
     finally:
         remote.close()
+
+
+@pytest.mark.slow
+def test_every_key_is_in_exactly_the_partition_partition_id_names(sharded_job):
+    from pipeline.ids import partition
+
+    spec, _ = sharded_job
+    layout = JobLayout(spec.output_dir)
+    seen = []
+    for p in range(2):
+        with SoftmaxStore(layout.store_dir, 2, only=[p]) as store:
+            ids = np.fromiter(store.iter_ids(), np.int64)
+        assert len(ids) and (partition(ids, 2) == p).all()
+        seen.append(ids)
+    everything = np.concatenate(seen)
+    assert len(everything) == len(set(everything.tolist())) == 200

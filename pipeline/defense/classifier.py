@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.defense.searchers import ColocatedSearcher, LocalSearcher, Neighbours, concat
-from pipeline.defense.weighting import predict as weighted_vote
-from pipeline.defense.weighting import vote
+from pipeline.defense.weighting import neighbour_weights, vote
 from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, stack_poolers
 
@@ -89,14 +88,21 @@ class DefendedClassifier:
     def close(self) -> None:
         self.searcher.close()
 
-    def vote(self, neighbours: Neighbours, weighting: str | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def weights_for(self, neighbours: Neighbours, weighting: str | None = None) -> np.ndarray:
+        """Each neighbour's vote weight [N, K] under ``weighting`` (0 for missing neighbours):
+        stored CBW weights for compact stores, else computed from the softmax vectors."""
         rule = weighting or self.weighting
         if neighbours.weights is not None and rule in ("cbw_e", "cbw_d"):
             weights = neighbours.weights[..., 0 if rule == "cbw_e" else 1]
-            scores = vote(neighbours.softmax, weights, neighbours.found)
-            return scores.argmax(-1), scores
-        return weighted_vote(neighbours.softmax, rule, neighbours.found, self.cbw_d_m, self.cbw_d_p)
+        else:
+            weights = neighbour_weights(neighbours.softmax, rule, self.cbw_d_m, self.cbw_d_p)
+        return weights * neighbours.found
+
+    def vote(self, neighbours: Neighbours, weighting: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [N], class scores [N, C]) of the weighted vote."""
+        scores = vote(neighbours.softmax, self.weights_for(neighbours, weighting))
+        return scores.argmax(-1), scores
 
     def predict(self, images, layer: str | None = None, weighting: str | None = None,
                 return_neighbours: bool = False):
