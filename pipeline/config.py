@@ -138,9 +138,15 @@ class FeaturesSpec(_Strict):
 
 
 class IndexSpec(_Strict):
-    factory: str = "IVF256,Flat"  # FAISS index_factory string; "Flat" for exact search
-    train_sample: Annotated[int, Field(gt=0)] = 20_000
-    nprobe: Annotated[int, Field(gt=0)] = 32
+    # A FAISS index_factory string ("Flat" exact; "BFlat"/"BIVF<n>" for binary codes), or
+    # "auto": chosen from N, the dimension and memory_budget_gb (pipeline/index/choice.py).
+    factory: str = "IVF256,Flat"
+    memory_budget_gb: Annotated[float, Field(gt=0)] = 16.0  # for factory: auto
+    train_sample: Annotated[int, Field(gt=0)] = 20_000  # raised to 64 x nlist for auto IVF
+    # IVF lists searched per query, or "auto": smallest power of two reaching target_recall@k
+    # on 1,000 database vectors used as queries (measured after the merge, written to index.json).
+    nprobe: Annotated[int, Field(gt=0)] | Literal["auto"] = 32
+    target_recall: Annotated[float, Field(gt=0, le=1)] = 0.95
     metric: Literal["l2"] = "l2"
     # merged: one index per layer; sharded: one per store partition (same partition(id)), searched
     # together (IndexShards) or by co-located Ray actors that also own the store partition.
@@ -210,7 +216,7 @@ class JobSpec(_Strict):
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
         binary_codes = self.features.storage in ("itq", "sign")
-        if binary_codes != self.index.factory.startswith("B"):
+        if self.index.factory != "auto" and binary_codes != self.index.factory.startswith("B"):
             raise ValueError(
                 f"features.storage {self.features.storage} needs a "
                 f"{'binary (BFlat, BIVF<n>)' if binary_codes else 'float'} index.factory, "

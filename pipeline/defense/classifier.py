@@ -54,8 +54,8 @@ class DefendedClassifier:
                 raise ValueError(f"{job_dir}: co-located search needs index.layout: sharded")
             parts["searcher"] = ColocatedSearcher(job_dir, spec.features.layers,
                                                   spec.store.partitions)
-        kwargs = dict(k=spec.evaluate.k, nprobe=spec.index.nprobe,
-                      cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
+        # nprobe: each index keeps the one index.json records (configured or tuned)
+        kwargs = dict(k=spec.evaluate.k, cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=spec.store.encoding == "topk")
         kwargs.update(overrides)
         defense = cls(**parts, **kwargs)

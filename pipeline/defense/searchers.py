@@ -79,10 +79,10 @@ class PartitionServer:
         spec = load_spec(job_dir)
         layout = JobLayout(job_dir)
         self.partition_index = partition_index
-        indexes = {layer: load_layer_index(layout, layer, spec.index.nprobe, [partition_index])
+        indexes = {layer: load_layer_index(layout, layer, None, [partition_index])
                    for layer in layers}
         store = SoftmaxStore(layout.store_dir, spec.store.partitions, only=[partition_index])
-        self.local = LocalSearcher(indexes, store, spec.index.nprobe, spec.store.encoding == "topk",
+        self.local = LocalSearcher(indexes, store, None, spec.store.encoding == "topk",
                                    spec.evaluate.cbw_d.m, spec.evaluate.cbw_d.p)
 
     def neighbours(self, layer: str, vectors: np.ndarray, k: int) -> Neighbours:

@@ -63,15 +63,17 @@ def load_defense_parts(job_dir: str | os.PathLike, layers=None, local_search: bo
     transforms = {name: load_stack(layout.transform_dir(name)) for name in layers}
     parts = {"spec": spec, "model": model, "transforms": transforms}
     if local_search:
-        parts["indexes"] = {name: load_layer_index(layout, name, spec.index.nprobe) for name in layers}
+        parts["indexes"] = {name: load_layer_index(layout, name) for name in layers}
         parts["store"] = SoftmaxStore(layout.store_dir, spec.store.partitions)
     return parts
 
 
 def load_layer_index(layout: JobLayout, layer: str, nprobe: int | None = None,
                      partitions: list[int] | None = None):
-    """A layer's index: the merged one, or its shards searched as one (or only ``partitions``)."""
+    """A layer's index: the merged one, or its shards searched as one (or only ``partitions``),
+    searching ``nprobe`` lists (default: index.json's, tuned or as configured)."""
     info = read_json(layout.index_info(layer), "run the index stage")
+    nprobe = nprobe or info.get("nprobe")
     if info.get("layout", "merged") == "merged":
         return load_index(layout.merged_index(layer), nprobe)
     wanted = range(info["shards"]) if partitions is None else partitions

@@ -247,9 +247,11 @@ def stage_index(run: JobRun) -> None:
     fps = {layer: fingerprint(run.state["features_fp"], spec.index.model_dump(), layer,
                               run.state["subset_fp"] if subset else None)
            for layer in spec.features.layers}
+    factories, train_sizes = {}, {}
     for layer in spec.features.layers:
+        factories[layer], train_sizes[layer] = _index_factory(run, layer, subset)
         run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
-                   spec.index.factory, spec.index.train_sample, spec.seed,
+                   factories[layer], train_sizes[layer], spec.seed,
                    str(layout.trained_index(layer)), str(layout.root), num_cpus=run.task_cpus)
     units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
                   (layer, str(layout.trained_index(layer)), files[j],
@@ -273,12 +275,43 @@ def stage_index(run: JobRun) -> None:
         results = run.run(f"index.merge.{layer}", units, fps[layer], desc=f"index merge {layer}")
         if results or not layout.index_info(layer).is_file():
             counts = dict(run.manifest.unit_counts(f"index.merge.{layer}", fps[layer]))
+            fixed_nprobe = None if spec.index.nprobe == "auto" else spec.index.nprobe
             write_json(layout.index_info(layer), {
-                "factory": spec.index.factory, "nprobe": spec.index.nprobe,
+                "factory": factories[layer], "nprobe": fixed_nprobe or 1,
                 "layout": spec.index.layout, "shards": None if None in groups else num_parts,
                 "ntotal": sum(c["ntotal"] for c in counts.values()),
                 "transform_sha256": run.state["transform_sha256"][layer],
                 "weights_sha256": run.state["weights_sha256"], "fingerprint": fps[layer]})
+            if spec.index.factory == "auto" or spec.index.nprobe == "auto":
+                tuned = run.single(f"index.tune.{layer}", tasks.tune_task, fps[layer],
+                                   str(layout.root), layer, files, spec.evaluate.k,
+                                   spec.index.target_recall, subset, num_cpus=run.task_cpus)
+                info = read_json(layout.index_info(layer))
+                info["recall"] = {k: tuned[k] for k in ("recall", "curve", "queries", "k")}
+                info["nprobe"] = fixed_nprobe or tuned["nprobe"] or tuned["curve"][-1]["nprobe"] or 1
+                write_json(layout.index_info(layer), info)
+
+
+def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, int]:
+    """The layer's FAISS factory and training-sample size: the spec's, or chosen from N, the
+    dimension and the memory budget (written to index/<layer>/choice.json)."""
+    spec, layout = run.spec, run.layout
+    if spec.index.factory != "auto":
+        return spec.index.factory, spec.index.train_sample
+    from pipeline.features.stack import load_stack
+    from pipeline.index.choice import choose_index
+
+    if subset:
+        n = read_json(layout.subset_dir / "summary.json")["selected"]
+    else:
+        n = sum(c.get("written", 0) for _, c in run.manifest.unit_counts("features", run.state["features_fp"]))
+    stack = load_stack(layout.transform_dir(layer))
+    choice = choose_index(n, stack.dim, int(spec.index.memory_budget_gb * 2**30), stack.binary)
+    train = max(spec.index.train_sample, 64 * choice.nlist) if choice.nlist else spec.index.train_sample
+    write_json(layout.index_dir(layer) / "choice.json",
+               {**choice.as_dict(), "n": n, "dim": stack.dim, "binary": stack.binary,
+                "memory_budget_gb": spec.index.memory_budget_gb, "train_sample": train})
+    return choice.factory, train
 
 
 def stage_store(run: JobRun) -> None:

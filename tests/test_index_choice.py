@@ -1,0 +1,79 @@
+"""Index choice from N, dimension and memory budget; recall tuning; an auto-chosen index job."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline.index.choice import choose_index, choose_nlist, recall_at_k, tune_nprobe
+from pipeline.index.faiss_index import populate_part, train_index, write_index
+
+
+@pytest.mark.parametrize("n, dim, budget_mb, family", [
+    (50_000, 256, 1024, "Flat"),
+    (1_000_000, 256, 8192, "IVF8192_HNSW32,Flat"),
+    (1_000_000, 256, 300, "IVF8192_HNSW32,SQ8"),
+    (1_000_000, 256, 60, "OPQ32,IVF8192_HNSW32,PQ32"),
+    (10**9, 256, 64 << 10, "OPQ32,IVF262144_HNSW32,PQ32"),
+])
+def test_choice_by_n_dim_and_budget(n, dim, budget_mb, family):
+    choice = choose_index(n, dim, budget_mb << 20)
+    assert choice.factory == family
+    assert choice.memory_bytes <= budget_mb << 20
+    faiss.index_factory(dim, choice.factory)  # a valid factory string
+
+
+def test_choice_limits_and_binary():
+    assert choose_nlist(10_000) == 256 and choose_nlist(10**12) == 1 << 20
+    with pytest.raises(ValueError, match="no index for 1000000000 x 256 fits"):
+        choose_index(10**9, 256, 1 << 30)
+    assert choose_index(10_000, 256, 1 << 30, binary=True).factory == "BFlat"
+    assert choose_index(10**8, 256, 1 << 40, binary=True).factory.startswith("BIVF")
+
+
+def _clustered(n, dim, clusters, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32) * 3
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_tuned_nprobe_reaches_the_target_recall(tmp_path):
+    x = _clustered(20_000, 32, 200, seed=1)
+    write_index(train_index(x, "IVF128,Flat"), tmp_path / "t.faiss")
+    populate_part(tmp_path / "t.faiss", x, np.arange(len(x)), tmp_path / "i.faiss")
+    index = faiss.read_index(str(tmp_path / "i.faiss"))
+    queries = x[:300]
+    _, truth = faiss.knn(queries, x, 10)
+    nprobe, recall, curve = tune_nprobe(index, queries, truth, 10, target=0.95)
+    assert nprobe is not None and recall >= 0.95
+    assert curve[0]["nprobe"] == 1 and curve[-1]["nprobe"] == nprobe
+    if len(curve) > 1:
+        assert curve[-2]["recall"] < 0.95  # the smallest such nprobe
+    assert recall_at_k(truth, truth) == 1.0
+
+
+@pytest.mark.slow
+def test_job_with_auto_index_writes_choice_and_measured_recall(tmp_path, ray_local):
+    from pipeline.config import parse_job
+    from pipeline.data.fashion_mnist import write_split_shards
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.job import run_job
+    from tests.conftest import synthetic_images
+
+    images, labels = synthetic_images(200, seed=41)
+    write_split_shards(images, labels, tmp_path / "db", "train", samples_per_shard=100)
+    spec = parse_job({
+        "name": "auto", "output_dir": str(tmp_path / "job"),
+        "data": {"database": str(tmp_path / "db"), "queries": str(tmp_path / "db" / "00001.tar")},
+        "train": {"epochs": 1, "batch_size": 32},
+        "features": {"layers": ["conv_4_2"], "pca_dim": 8, "pca_sample": 150},
+        "index": {"factory": "auto", "memory_budget_gb": 0.5, "target_recall": 0.9},
+        "evaluate": {"k": 10}, "runtime": {"progress": False},
+    })
+    run_job(spec, "verify")
+    layout = JobLayout(spec.output_dir)
+    choice = json.loads((layout.index_dir("conv_4_2") / "choice.json").read_text())
+    info = json.loads(layout.index_info("conv_4_2").read_text())
+    assert choice["factory"] == info["factory"] == "Flat" and choice["n"] == 200
+    assert info["recall"]["recall"] == 1.0 and info["recall"]["k"] == 10
