@@ -104,8 +104,75 @@ def _stage_command(stage: str):
 
 
 for _stage in STAGES:
-    if _stage not in ("import", "subset"):  # these two have their own standalone commands
+    if _stage not in ("import", "subset", "index"):  # these have their own command groups
         _stage_command(_stage)
+
+
+@main.group("index")
+def index_group():
+    """FAISS indexes of a job: build (the index stage), inspect, search."""
+
+
+@index_group.command("build")
+@job_options
+@_one_line_errors
+def index_build(job_yaml, address, num_cpus, sets, no_progress):
+    """Run a job up to its index stage: train on a sample, populate per shard, merge or shard."""
+    _run(job_yaml, address, num_cpus, sets, no_progress, "index")
+
+
+@index_group.command("info")
+@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False))
+@_one_line_errors
+def index_info(job_dir):
+    """Per layer: factory, layout, vectors, nprobe, measured recall, memory estimate, files."""
+    import json
+
+    from pipeline.layout import JobLayout, read_json
+    from pipeline.runtime.artifacts import load_spec
+
+    layout = JobLayout(job_dir)
+    for layer in load_spec(job_dir).features.layers:
+        info = read_json(layout.index_info(layer), "run the index stage")
+        choice_path = layout.index_dir(layer) / "choice.json"
+        files = sorted(layout.index_dir(layer).glob("*.faiss"))
+        out = {"layer": layer, **{k: info.get(k) for k in ("factory", "layout", "shards", "ntotal",
+                                                           "nprobe")},
+               "recall": (info.get("recall") or {}).get("recall"),
+               "files_bytes": sum(f.stat().st_size for f in files if f.name != "trained.faiss")}
+        if choice_path.is_file():
+            choice = read_json(choice_path)
+            out["choice"] = {k: choice[k] for k in ("reason", "memory_bytes", "memory_budget_gb")}
+        click.echo(json.dumps(out))
+
+
+@index_group.command("search")
+@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--layer", required=True)
+@click.option("-k", "--k", type=int, default=10, show_default=True)
+@click.option("--nprobe", type=int, default=None, help="Override the index's nprobe.")
+@click.argument("vectors", type=click.Path(dir_okay=False))
+@_one_line_errors
+def index_search(job_dir, layer, k, nprobe, vectors):
+    """Search VECTORS (.npy, [N, d] float32, or uint8 codes for binary indexes): one JSON line
+    per query with ids, sample keys and distances."""
+    import json
+
+    import numpy as np
+
+    from pipeline.index.faiss_index import search
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.artifacts import KeyLookup, load_layer_index
+
+    layout = JobLayout(job_dir)
+    index = load_layer_index(layout, layer, nprobe)
+    queries = np.load(vectors)
+    if queries.ndim != 2:
+        raise ConfigError(f"{vectors}: expected a 2-D array of query vectors, got {queries.shape}")
+    dist, ids = search(index, queries, k, nprobe)
+    keys = KeyLookup(job_dir)
+    for d, i in zip(dist, ids, strict=True):
+        click.echo(json.dumps({"ids": i.tolist(), "keys": keys(i), "distances": d.tolist()}))
 
 
 @main.group()

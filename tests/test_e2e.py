@@ -164,6 +164,26 @@ def test_crash_mid_shard_leaves_no_output(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_index_info_and_search(finished_job, tmp_path):
+    import json
+
+    spec, layout, _, _ = finished_job
+    result = CliRunner().invoke(main, ["index", "info", "--job", str(layout.root)])
+    assert result.exit_code == 0, result.output
+    infos = [json.loads(line) for line in result.output.splitlines()]
+    assert [i["layer"] for i in infos] == LAYERS and all(i["ntotal"] == 300 for i in infos)
+    table = pq.read_table(layout.features_file(2), columns=["key", "id", "conv_4_2"])
+    queries = np.stack(table.column("conv_4_2").to_numpy(zero_copy_only=False)[:3]).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    result = CliRunner().invoke(main, ["index", "search", "--job", str(layout.root), "--layer",
+                                       "conv_4_2", "-k", "3", str(tmp_path / "q.npy")])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.output.splitlines()]
+    assert [h["keys"][0] for h in hits] == table.column("key").to_pylist()[:3]
+    assert [h["ids"][0] for h in hits] == table.column("id").to_pylist()[:3]
+
+
+@pytest.mark.slow
 def test_compact_topk_store_keeps_decisions(finished_job):
     """Last in this file: rebuilds the shared job's store with the compact encoding."""
     spec, layout, _, (images, _) = finished_job
