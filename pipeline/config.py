@@ -125,7 +125,8 @@ class FeaturesSpec(_Strict):
     # float16/float32 vectors; sq8: 8-bit scalar codes; itq/sign: packed binary codes (Hamming
     # search with FAISS binary indexes: index.factory BFlat or BIVF<n>).
     storage: Literal["float16", "float32", "sq8", "itq", "sign"] = "float16"
-    batch_size: Annotated[int, Field(gt=0)] = 512
+    # images per forward; "auto": from free GPU memory (a probe forward), or by input size on CPU
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     decode_workers: Annotated[int, Field(ge=0)] = 2  # decode threads per extraction task
 
     @model_validator(mode="after")

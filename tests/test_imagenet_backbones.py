@@ -120,3 +120,11 @@ def test_job_spec_checks_arch_taps_and_weights(tmp_path):
     assert _unknown_layers(parse_job(raw)) == ["conv_5_1"]
     with pytest.raises(ConfigError, match="in_channels must be 3"):
         parse_job({**raw, "model": {"arch": "resnet50", "in_channels": 1}})
+
+
+def test_auto_batch_size_on_cpu():
+    from pipeline.features.extract import auto_batch_size
+
+    assert auto_batch_size(build_model(ModelSpec())) == 512  # 28x28 inputs
+    assert auto_batch_size(build_model(ModelSpec(arch="efficientnet-lite0"))) == 32
+    assert auto_batch_size(build_model(ModelSpec()), 7) == 7

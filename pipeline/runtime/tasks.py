@@ -13,6 +13,7 @@ from pipeline.data.shards import load_images, scan_shard
 from pipeline.data.subsets import selected_keys
 from pipeline.features.backbones import decode_args, images_to_tensor, load_model
 from pipeline.features.extract import (
+    auto_batch_size,
     extract_shard,
     forward_taps,
     read_column,
@@ -71,12 +72,12 @@ def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, job_d
                     take, decode["resize"], decode["interpolation"])[1] for shard in shards
     ])[: fs.pca_sample]
 
+    batch = auto_batch_size(model, fs.batch_size)
+
     def forward_batches(limit):
         with torch.inference_mode():
-            for start in range(0, len(images) if limit is None else min(limit, len(images)),
-                               fs.batch_size):
-                yield forward_taps(model, images_to_tensor(images[start:start + fs.batch_size]),
-                                   fs.layers)[1]
+            for start in range(0, len(images) if limit is None else min(limit, len(images)), batch):
+                yield forward_taps(model, images_to_tensor(images[start:start + batch]), fs.layers)[1]
 
     stacks = fit_stacks(forward_batches, fs.layers, pooling=fs.pooling, pca_dim=fs.pca_dim,
                         whiten=fs.whiten, storage=fs.storage, rmac_sample=fs.rmac_sample,
