@@ -316,6 +316,25 @@ def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms):
 
 @main.command()
 @click.argument("job_dir", type=click.Path(file_okay=False))
+@click.option("--address", default=None, help="Ray address; default: a local Ray on 127.0.0.1.")
+@click.option("--no-progress", is_flag=True)
+@_one_line_errors
+def resume(job_dir, address, no_progress):
+    """Finish a job folder from its recorded spec (job.yaml): only units that are not done (or
+    whose inputs changed) run, e.g. after a crash or a killed driver."""
+    from pipeline.runtime.artifacts import load_spec
+    from pipeline.runtime.job import run_job
+
+    spec = load_spec(job_dir)
+    spec.output_dir = str(job_dir)
+    summary = run_job(spec, address=address, progress=False if no_progress else None)
+    if summary.get("eval_markdown"):
+        click.echo(summary["eval_markdown"])
+    click.echo(f"job {spec.name}: {summary['written']} images indexed; outputs in {job_dir}")
+
+
+@main.command()
+@click.argument("job_dir", type=click.Path(file_okay=False))
 @_one_line_errors
 def status(job_dir):
     """Per-stage unit states of a job folder, and the failures."""

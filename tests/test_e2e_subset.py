@@ -113,3 +113,26 @@ def test_targeted_subset_without_enough_matches_fails_the_stage_cleanly(shards, 
     assert manifest.counts("subset") == {"failed": 1}
     assert not JobLayout(spec.output_dir).features_dir.exists()  # nothing after the subset ran
     manifest.close()
+
+
+@pytest.mark.slow
+def test_resume_finishes_a_job_folder_without_redoing_done_units(shards, ray_local):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    spec = _spec(shards, "resumed", {"kind": "all", "size": 100, "seed": 3, "apply": "features"})
+    run_job(spec, "features")  # as if the driver died after the features stage
+    layout = JobLayout(spec.output_dir)
+    manifest = Manifest(layout.manifest)
+    done = dict(manifest._db.execute(
+        "SELECT stage || '/' || unit, attempts FROM units WHERE state='done'").fetchall())
+    manifest.close()
+    result = CliRunner().invoke(main, ["resume", str(layout.root), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = Manifest(layout.manifest)
+    after = dict(manifest._db.execute("SELECT stage || '/' || unit, attempts FROM units").fetchall())
+    manifest.close()
+    assert all(after[unit] == attempts for unit, attempts in done.items())  # nothing redone
+    assert any(u.startswith("verify") for u in after) and any(u.startswith("evaluate") for u in after)
+    assert (layout.eval_dir / "results.csv").is_file()
