@@ -45,6 +45,7 @@ class DefendedClassifier:
                  **overrides) -> DefendedClassifier:
         """Load a finished job folder (checks that its recorded hashes agree). ``colocated``:
         search through one Ray actor per partition (needs ``index.layout: sharded``)."""
+        from pipeline.layout import JobLayout, read_json
         from pipeline.runtime.artifacts import load_defense_parts
 
         parts = load_defense_parts(job_dir, local_search=not colocated)
@@ -56,7 +57,7 @@ class DefendedClassifier:
                                                   spec.store.partitions)
         # nprobe: each index keeps the one index.json records (configured or tuned)
         kwargs = dict(k=spec.evaluate.k, cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
-                      stored_weights=spec.store.encoding == "topk")
+                      stored_weights=read_json(JobLayout(job_dir).store_info)["encoding"] == "topk")
         kwargs.update(overrides)
         defense = cls(**parts, **kwargs)
         from pipeline.runtime.artifacts import KeyLookup

@@ -72,7 +72,7 @@ class PartitionServer:
     actor hosts (``ColocatedSearcher``), testable without Ray."""
 
     def __init__(self, job_dir: str | os.PathLike, partition_index: int, layers: list[str]):
-        from pipeline.layout import JobLayout
+        from pipeline.layout import JobLayout, read_json
         from pipeline.runtime.artifacts import load_layer_index, load_spec
         from pipeline.store.softmax_store import SoftmaxStore
 
@@ -82,7 +82,8 @@ class PartitionServer:
         indexes = {layer: load_layer_index(layout, layer, None, [partition_index])
                    for layer in layers}
         store = SoftmaxStore(layout.store_dir, spec.store.partitions, only=[partition_index])
-        self.local = LocalSearcher(indexes, store, None, spec.store.encoding == "topk",
+        stored_weights = read_json(layout.store_info)["encoding"] == "topk"
+        self.local = LocalSearcher(indexes, store, None, stored_weights,
                                    spec.evaluate.cbw_d.m, spec.evaluate.cbw_d.p)
 
     def neighbours(self, layer: str, vectors: np.ndarray, k: int) -> Neighbours:

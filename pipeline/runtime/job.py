@@ -316,24 +316,25 @@ def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, in
 
 def stage_store(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
+    encoding = spec.store.resolved(spec.model.num_classes)
     num_parts = spec.store.partitions
     subset = _subset_for(run, "index")
     fp = fingerprint(run.state["features_fp"], spec.store.model_dump(),
                      run.state["subset_fp"] if subset else None,
-                     spec.evaluate.cbw_d.model_dump() if spec.store.encoding == "topk" else None)
+                     spec.evaluate.cbw_d.model_dump() if encoding == "topk" else None)
     groups: dict[int, list[str]] = {p: [] for p in range(num_parts)}
     for s in run.state["shards"]:
         groups[partition_of_shard(s["shard_index"], num_parts)].append(
             str(layout.features_file(s["shard_index"])))
-    options = {} if spec.store.encoding == "float16" else {
+    options = {} if encoding == "float16" else {
         "k": spec.store.topk, "m": spec.evaluate.cbw_d.m, "p": spec.evaluate.cbw_d.p}
     units = [Unit(f"part-{p:03d}", tasks.store_task,
-                  (str(layout.store_dir), p, files, subset, spec.store.encoding, options))
+                  (str(layout.store_dir), p, files, subset, encoding, options))
              for p, files in groups.items()]
     results = run.run("store", units, fp, desc="store")
     if results or not layout.store_info.is_file():
         counts = dict(run.manifest.unit_counts("store", fp))
-        write_json(layout.store_info, {"partitions": num_parts, "encoding": spec.store.encoding,
+        write_json(layout.store_info, {"partitions": num_parts, "encoding": encoding,
                                        "count": sum(c["written"] for c in counts.values()),
                                        "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
     run.state["store_fp"] = fp
