@@ -64,12 +64,3 @@ def test_cli_bad_spec_exits_before_any_work(fm_source, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {path}: unknown key 'colour': remove it or fix its spelling"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
-
-
-def test_store_encoding_auto_is_compact_for_1000_class_models():
-    from pipeline.config import StoreSpec
-
-    assert StoreSpec().encoding == "auto"
-    assert StoreSpec().resolved(10) == "float16"
-    assert StoreSpec().resolved(1000) == "topk"
-    assert StoreSpec(encoding="float16").resolved(1000) == "float16"
