@@ -163,9 +163,6 @@ class StoreSpec(_Strict):
     encoding: Literal["float16", "topk"] = "float16"
     topk: Annotated[int, Field(ge=1, le=255)] = 16
 
-    def resolved(self, num_classes: int) -> str:
-        return self.encoding
-
 
 class PgdAttack(_Strict):
     """L2 PGD under a per-image normalised budget ||x* - x|| / ||x|| <= budget, pixels in [0,1]."""

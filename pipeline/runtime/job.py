@@ -316,7 +316,7 @@ def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, in
 
 def stage_store(run: JobRun) -> None:
     spec, layout = run.spec, run.layout
-    encoding = spec.store.resolved(spec.model.num_classes)
+    encoding = spec.store.encoding
     num_parts = spec.store.partitions
     subset = _subset_for(run, "index")
     fp = fingerprint(run.state["features_fp"], spec.store.model_dump(),
