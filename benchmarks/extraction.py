@@ -140,11 +140,14 @@ def run_config(arch: str, layers: list[str], n: int, repeats: int, tmp: Path) ->
 
 
 def main() -> None:
-    only = sys.argv[1:]  # optional: arch names to run
+    only = sys.argv[1:]  # optional: "arch" or "arch:images" to run; others keep their last result
+    out = Path(__file__).parent / "results" / "extraction.json"
+    previous = json.loads(out.read_text())["results"] if only and out.is_file() else []
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, layers, n, repeats in CONFIGS:
-            if only and arch not in only:
+            if only and arch not in only and f"{arch}:{n}" not in only:
+                results += [r for r in previous if r["arch"] == arch and r["images"] == n]
                 continue
             t = time.time()
             results.append(run_config(arch, layers, n, repeats, Path(tmp)))
@@ -157,7 +160,6 @@ def main() -> None:
            "worker does), with the no-trim allocator settings the workers get",
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "results": results}
-    out = Path(__file__).parent / "results" / "extraction.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
 
