@@ -50,21 +50,27 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def trained_small_model():
-    """A SmallResNet trained for a few steps on synthetic bands (good enough to be attacked)."""
-    from pipeline.features.backbones import SmallResNet, images_to_tensor
+def train_tiny_model(x: torch.Tensor, y: torch.Tensor, epochs: int = 3):
+    """A small SmallResNet trained with Adam on [0, 1] images ``x`` (good enough to attack)."""
+    from pipeline.features.backbones import SmallResNet
 
-    torch.manual_seed(0)
-    images, labels = synthetic_images(512, seed=3)
-    x, y = images_to_tensor(images[..., None]), torch.as_tensor(labels)
     model = SmallResNet(widths=(8, 16, 16), blocks=(1, 1, 1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(3):
+    for _ in range(epochs):
         for s in range(0, len(x), 64):
             loss = torch.nn.functional.cross_entropy(model(x[s:s + 64]), y[s:s + 64])
             opt.zero_grad()
             loss.backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture
+def trained_small_model():
+    """A SmallResNet trained for a few steps on synthetic bands (good enough to be attacked)."""
+    from pipeline.features.backbones import images_to_tensor
+
+    torch.manual_seed(0)
+    images, labels = synthetic_images(512, seed=3)
+    return train_tiny_model(images_to_tensor(images[..., None]), torch.as_tensor(labels))

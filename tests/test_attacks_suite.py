@@ -25,10 +25,10 @@ from pipeline.attacks.knn_aware import (
 from pipeline.attacks.pgd import pgd_l2
 from pipeline.attacks.projection import normalised_l2
 from pipeline.defense.weighting import diversity_weights
-from pipeline.features.backbones import SmallResNet, images_to_tensor, pool
+from pipeline.features.backbones import images_to_tensor, pool
 from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
-from tests.conftest import synthetic_images
+from tests.conftest import synthetic_images, train_tiny_model
 
 LAYER = "conv_4_1"
 
@@ -59,15 +59,7 @@ def band():
     toy: database = 300 other synthetic images' PCA(avg-pool(conv_4_1)) features and softmax."""
     torch.manual_seed(0)
     x, y = _batch(512, 3)
-    model = SmallResNet(widths=(8, 16, 16), blocks=(1, 1, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for s in range(0, len(x), 64):
-            loss = torch.nn.functional.cross_entropy(model(x[s:s + 64]), y[s:s + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = train_tiny_model(x, y)
     x_db, y_db = _batch(300, 11)
     with torch.no_grad():
         logits, taps = model.forward_taps(x_db, [LAYER])
