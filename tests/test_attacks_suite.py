@@ -59,7 +59,11 @@ def band():
     toy: database = 300 other synthetic images' PCA(avg-pool(conv_4_1)) features and softmax."""
     torch.manual_seed(0)
     x, y = _batch(512, 3)
-    model = train_tiny_model(x, y)
+    return _knn_toy(train_tiny_model(x, y))
+
+
+def _knn_toy(model) -> SimpleNamespace:
+    """``model`` plus a kNN database of 300 synthetic images' PCA(avg-pool(tap)) features."""
     x_db, y_db = _batch(300, 11)
     with torch.no_grad():
         logits, taps = model.forward_taps(x_db, [LAYER])
@@ -140,14 +144,7 @@ def test_attacks_do_not_raise_accuracy(trained_small_model):
     """On the conftest model: undefended accuracy for the gradient attacks, kNN accuracy for
     the defense-aware ones (the kNN toy built around this model)."""
     model = trained_small_model
-    x_db, y_db = _batch(300, 11)
-    with torch.no_grad():
-        logits, taps = model.forward_taps(x_db, [LAYER])
-    pca = fit_pca(pool(taps[LAYER], "avg").numpy(), 16)
-    feature_fn = make_feature_fn(model, LAYER, pca.mean, pca.components)
-    with torch.no_grad():
-        b = SimpleNamespace(model=model, feature_fn=feature_fn, db_feats=feature_fn(x_db),
-                            db_softmax=logits.softmax(1), db_labels=y_db)
+    b = _knn_toy(model)
     x, y = _batch(64, 9)
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()

@@ -30,7 +30,7 @@ class DefendedClassifier:
         self.transforms, self.indexes, self.store = transforms, indexes, store
         self.layers = list(transforms)
         self.layer = layer or self.layers[-1]
-        self.weighting, self.k, self.nprobe = weighting, k, nprobe
+        self.weighting, self.k = weighting, k
         self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
         # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
         # before truncation; use those instead of recomputing them from the truncated one.

@@ -145,28 +145,27 @@ def tune_task(job_dir: str, layer: str, feature_files: list[str], k: int, target
               subset_manifest: str | None = None, num_queries: int = 1000, seed: int = 0) -> dict:
     """Measure recall@k of the built index against exact search over the same vectors, on
     ``num_queries`` database vectors, and the smallest nprobe reaching ``target``."""
+    import faiss
+
     from pipeline.index.choice import tune_nprobe
-    from pipeline.index.faiss_index import ShardedIndex, is_binary_factory  # noqa: F401
     from pipeline.runtime.artifacts import load_layer_index
 
     layout = JobLayout(job_dir)
-    vectors = np.concatenate([_search_vectors(f, layer, job_dir)[_subset_rows(f, subset_manifest)]
-                              for f in feature_files])
-    ids = np.concatenate([read_column(f, "id")[_subset_rows(f, subset_manifest)]
-                          for f in feature_files]).astype(np.int64)
+    vectors, ids = [], []
+    for f in feature_files:
+        rows = _subset_rows(f, subset_manifest)
+        vectors.append(_search_vectors(f, layer, job_dir)[rows])
+        ids.append(read_column(f, "id")[rows])
+    vectors, ids = np.concatenate(vectors), np.concatenate(ids).astype(np.int64)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(vectors), min(num_queries, len(vectors)), replace=False)
     queries = vectors[pick]
     k = min(k, len(vectors))
     if vectors.dtype == np.uint8:
-        import faiss
-
         exact = faiss.IndexBinaryFlat(vectors.shape[1] * 8)
         exact.add(vectors)
         _, rows = exact.search(queries, k)
     else:
-        import faiss
-
         _, rows = faiss.knn(queries, vectors, k)
     truth = ids[rows]
     nprobe, recall, curve = tune_nprobe(load_layer_index(layout, layer), queries, truth, k, target)
