@@ -14,7 +14,7 @@ export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
 
-.PHONY: help setup data demo test test-fast lint bench clean
+.PHONY: help setup data demo test test-fast lint bench imagenet-samples reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,14 @@ data:  ## install Fashion-MNIST (Debian package dataset-fashion-mnist) unless it
 
 demo: setup  ## run jobs/demo.yaml end to end and print the accuracy table
 	$(BIN)/knn-defense run jobs/demo.yaml
+
+imagenet-samples: setup  ## pack the 20 labelled ImageNet samples foolbox ships into data/imagenet-samples
+	$(BIN)/knn-defense import-images "$$($(BIN)/python -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("foolbox").origin), "data"))')" \
+		--glob 'imagenet_*.jpg' --label-pattern '_(\d+)\.jpg$$' --out-dir data/imagenet-samples
+
+reproduce: setup imagenet-samples  ## the README's reproductions (Fashion-MNIST claims C1-C5, ImageNet samples)
+	$(BIN)/knn-defense evaluate experiments/fashion-mnist.yaml
+	$(BIN)/knn-defense evaluate experiments/imagenet-samples.yaml
 
 test: setup  ## run the whole test suite (unit + end-to-end through Ray)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -104,8 +104,28 @@ def _stage_command(stage: str):
 
 
 for _stage in STAGES:
-    if _stage not in ("import", "subset", "index"):  # these have their own command groups
+    if _stage not in ("import", "subset", "index", "evaluate"):  # these have their own commands
         _stage_command(_stage)
+
+
+@main.command()
+@job_options
+@_one_line_errors
+def evaluate(job_yaml, address, num_cpus, sets, no_progress):
+    """Run an experiment file (attacks x databases x defenses: tables, plots, claims), or a job
+    up to its evaluate stage when JOB_YAML is a job spec. Cells already written are reused."""
+    from pipeline.evaluate.experiment import is_experiment_file, load_experiment, run_experiment
+
+    if not is_experiment_file(job_yaml):
+        _run(job_yaml, address, num_cpus, sets, no_progress, "evaluate")
+        return
+    exp = load_experiment(job_yaml, _parse_sets(sets))
+    result = run_experiment(exp, address, num_cpus, progress=not no_progress)
+    click.echo("")
+    click.echo(result["markdown"])
+    click.echo(f"experiment {exp.name}: {result['sets_crafted']} adversarial set(s) crafted, "
+               f"{result['cells_evaluated']} cell(s) evaluated now (the rest reused); outputs in "
+               f"{exp.output_dir}")
 
 
 @main.group("index")
@@ -250,6 +270,25 @@ def import_fashion_mnist_cmd(source_dir, out_dir, samples_per_shard, limit):
     folders = import_fashion_mnist(spec.source_dir, spec.out_dir, spec.samples_per_shard, spec.limit)
     for split, folder in folders.items():
         click.echo(f"{split}: {len(list(folder.glob('*.tar')))} shards in {folder}")
+
+
+@main.command("import-images")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--out-dir", required=True, help="Where the tar shards go.")
+@click.option("--label-pattern", default=None,
+              help=r"Regex whose first group in the file name is the class index, e.g. '_(\d+)\.jpg$'.")
+@click.option("--glob", "glob_", default="*", show_default=True, help="Only files matching this.")
+@click.option("--samples-per-shard", default=10000, show_default=True)
+@_one_line_errors
+def import_images_cmd(source, out_dir, label_pattern, glob_, samples_per_shard):
+    """Pack a folder of image files into webdataset tar shards (labels from file names)."""
+    from pipeline.data.folder import pack_image_folder
+
+    try:
+        result = pack_image_folder(source, out_dir, label_pattern, samples_per_shard, glob_)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    click.echo(f"{result['images']} images -> {len(result['shards'])} shard(s) in {out_dir}")
 
 
 @main.command()

@@ -164,19 +164,102 @@ class StoreSpec(_Strict):
     topk: Annotated[int, Field(ge=1, le=255)] = 16
 
 
-class PgdAttack(_Strict):
-    """L2 PGD under a per-image normalised budget ||x* - x|| / ||x|| <= budget, pixels in [0,1]."""
+Budget = Annotated[float, Field(gt=0)]
+
+
+class _Attack(_Strict):
+    """Common to every attack: images in [0,1], each held to ||x* - x||_2 / ||x||_2 <= budget.
+    ``budget`` may be a list: one adversarial set per value (accuracy-vs-budget curves)."""
+
+    budget: Budget | list[Budget] = 0.06
+    batch_size: Annotated[int, Field(gt=0)] = 250
+
+    @property
+    def budgets(self) -> list[float]:
+        return list(self.budget) if isinstance(self.budget, list) else [self.budget]
+
+
+class _TransferAttack(_Attack):
+    # gray_box: gradients of the undefended target classifier, the defense applied afterwards;
+    # black_box: crafted on evaluate.surrogate (another model), then given to the defended target.
+    threat: Literal["gray_box", "black_box"] = "gray_box"
+
+
+class PgdAttack(_TransferAttack):
+    """L2 PGD (Madry et al.), ``steps`` of ``step_size * eps`` then the exact projection."""
 
     name: Literal["pgd"] = "pgd"
-    threat: Literal["gray_box"] = "gray_box"  # attack the undefended classifier
-    budget: Annotated[float, Field(gt=0)] = 0.06
     steps: Annotated[int, Field(gt=0)] = 10
     step_size: Annotated[float, Field(gt=0)] | None = None  # relative to the budget; None = 2.5/steps
     random_start: bool = False
-    batch_size: Annotated[int, Field(gt=0)] = 250
 
 
-AttackSpec = Annotated[PgdAttack, Field(discriminator="name")]
+class FgsmAttack(_TransferAttack):
+    """One L2 gradient step that fills the budget inside the [0,1] box."""
+
+    name: Literal["fgsm"] = "fgsm"
+
+
+class IfgsmAttack(_TransferAttack):
+    """Iterative FGSM (Kurakin et al.): ``steps`` budget-filling steps of budget/steps each."""
+
+    name: Literal["ifgsm"] = "ifgsm"
+    steps: Annotated[int, Field(gt=0)] = 10
+
+
+class CwAttack(_TransferAttack):
+    """Carlini-Wagner L2 (minimal perturbation), then projected onto the budget."""
+
+    name: Literal["cw"] = "cw"
+    steps: Annotated[int, Field(gt=0)] = 100
+    binary_steps: Annotated[int, Field(gt=0)] = 5
+    lr: Annotated[float, Field(gt=0)] = 0.01
+    c_init: Annotated[float, Field(gt=0)] = 1.0
+    kappa: Annotated[float, Field(ge=0)] = 0.0
+
+
+class _WhiteBoxAttack(_Attack):
+    """Defense-aware: knows the layer's features and an attack database (evaluate.attack_database).
+    One adversarial set per attacked layer (``layers``; None = every evaluated layer)."""
+
+    threat: Literal["white_box"] = "white_box"
+    layers: list[str] | None = None
+    steps: Annotated[int, Field(gt=0)] = 10
+    step_size: Annotated[float, Field(gt=0)] | None = None
+
+
+class PgdPrAttack(_WhiteBoxAttack):
+    """PGD-PR: PGD on a soft kNN vote over the query's initial K attack-DB neighbours."""
+
+    name: Literal["pgd_pr"] = "pgd_pr"
+    k: Annotated[int, Field(gt=0)] = 50
+    gamma: Annotated[float, Field(gt=0)] = 0.05
+
+
+class PgdFsAttack(_WhiteBoxAttack):
+    """PGD-FS: pull the features towards the ``m`` nearest attack-DB images of a target class."""
+
+    name: Literal["pgd_fs"] = "pgd_fs"
+    m: Annotated[int, Field(gt=0)] = 50
+    target: Literal["nearest", "random"] = "nearest"
+
+
+class AdaptiveAttack(_WhiteBoxAttack):
+    """Beyond the paper: margin of a soft-neighbour-set kNN vote over the attack DB, neighbours
+    re-found every step, cosine-decaying steps, best hard-vote iterate kept."""
+
+    name: Literal["adaptive"] = "adaptive"
+    steps: Annotated[int, Field(gt=0)] = 50
+    k: Annotated[int, Field(gt=0)] = 50
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    candidates: Annotated[int, Field(gt=0)] | None = None  # default 4k
+    weighting: Literal["uw", "cbw_e", "cbw_d"] = "cbw_d"  # the vote it attacks
+    random_start: bool = False
+
+
+AttackSpec = Annotated[PgdAttack | FgsmAttack | IfgsmAttack | CwAttack | PgdPrAttack
+                       | PgdFsAttack | AdaptiveAttack, Field(discriminator="name")]
+WHITE_BOX_ATTACKS = ("pgd_pr", "pgd_fs", "adaptive")
 
 
 class CbwDSpec(_Strict):
@@ -184,13 +267,45 @@ class CbwDSpec(_Strict):
     p: Annotated[float, Field(gt=0)] = 3.0
 
 
+class SurrogateSpec(_Strict):
+    """The black-box attacker's own model: trained here on the database split (small_resnet
+    without weights; ``train`` settings, e.g. another seed) or pretrained (ImageNet archs)."""
+
+    model: ModelSpec
+    train: TrainSpec = TrainSpec(seed=1)
+
+
+class AttackDatabaseSpec(_Strict):
+    """What the white-box attacker knows: ``size`` images, a fraction ``overlap`` of them drawn
+    from the defense database, the rest from query-split images outside the query sample."""
+
+    size: Annotated[int, Field(gt=0)] = 10000
+    overlap: Annotated[float, Field(ge=0, le=1)] = 1.0
+    seed: int = 0
+
+
 class EvaluateSpec(_Strict):
     num_queries: Annotated[int, Field(gt=0)] | None = 1000  # None = every query image
     seed: int = 0
-    k: Annotated[int, Field(gt=0)] = 50
+    k: Annotated[int, Field(gt=0)] = 50  # the tables' K
+    ks: list[Annotated[int, Field(gt=0)]] = []  # more K values (accuracy-vs-K), from one search
     weightings: list[Literal["uw", "cbw_e", "cbw_d"]] = ["uw", "cbw_e", "cbw_d"]
     cbw_d: CbwDSpec = CbwDSpec()
     attacks: list[AttackSpec] = [PgdAttack()]
+    headline_budget: Budget | None = None  # the tables' budget; None = 0.06 if used, else the first
+    surrogate: SurrogateSpec | None = None  # needed by black_box attacks
+    attack_database: AttackDatabaseSpec = AttackDatabaseSpec()  # used by white_box attacks
+    threads: Annotated[int, Field(gt=0)] | None = None  # torch threads; None = the task's CPUs
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if any(getattr(a, "threat", None) == "black_box" for a in self.attacks) and self.surrogate is None:
+            raise ValueError("black_box attacks need evaluate.surrogate (the attacker's model)")
+        return self
+
+    @property
+    def all_ks(self) -> list[int]:
+        return sorted({self.k, *self.ks})
 
 
 class RuntimeSpec(_Strict):

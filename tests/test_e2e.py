@@ -1,6 +1,7 @@
 """The job end to end through Ray on a few hundred images, with a corrupt one among them."""
 
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_parquet_shard_contract(finished_job):
 def test_evaluation_table_and_rerun_is_cached(finished_job):
     spec, layout, summary, _ = finished_job
     csv = (layout.eval_dir / "results.csv").read_text().splitlines()
-    assert len(csv) == 1 + 2 * (1 + len(LAYERS) * 3)
+    assert len(csv) == 1 + 3 * (1 + len(LAYERS) * 3)  # clean, PGD, worst case
     md = (layout.eval_dir / "results.md").read_text()
     assert "no defense" in md and "kNN CBW-D" in md and "achieved normalised L2" in md
     assert (layout.eval_dir / "accuracy.png").stat().st_size > 1000
@@ -205,3 +206,40 @@ def test_compact_topk_store_keeps_decisions(finished_job):
         compact.store.close()
     value_sizes = {len(v) for v in __import__("plyvel").DB(str(layout.store_dir / "part-000")).iterator(include_key=False)}
     assert value_sizes == {13 + 3 * 3}
+
+
+@pytest.mark.slow
+def test_experiment_over_two_databases_with_white_box_attacks(finished_job, tmp_path):
+    """`knn-defense evaluate EXPERIMENT.yaml`: the job's database plus an IG-100-All subset built
+    by the same pipeline with the job's classifier; gray-box and adaptive attacks; tables, the
+    database-size plot, and a resumed second run that recomputes nothing."""
+    import yaml
+
+    spec, layout, _, _ = finished_job
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    exp = {"name": "two-dbs", "output_dir": str(tmp_path / "exp"), "job": str(job_yaml),
+           "databases": [{"subset": {"kind": "all", "size": 100}}],
+           "evaluate": {"num_queries": 60, "k": 10, "ks": [1, 5], "cbw_d": {"m": 9},
+                        "attacks": [{"name": "pgd", "steps": 2},
+                                    {"name": "adaptive", "layers": ["conv_4_1"], "steps": 3, "k": 10}],
+                        "attack_database": {"size": 100, "overlap": 0.8}}}
+    exp_yaml = tmp_path / "exp.yaml"
+    exp_yaml.write_text(yaml.safe_dump(exp))
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", str(exp_yaml), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "## Database e2e (300 images)" in result.output
+    # 100 selected keys; a corrupt image among them would be skipped and counted, not indexed
+    assert re.search(r"## Database IG-100-All \((100|99) images\)", result.output)
+    out = tmp_path / "exp"
+    rows = (out / "results.csv").read_text().splitlines()
+    defenses = 1 + len(LAYERS) * 3 * 3  # none + layer x weighting x K
+    assert len(rows) == 1 + 2 * 4 * defenses  # 2 databases x (clean, pgd, adaptive, worst case)
+    for plot in ("accuracy.png", "acc_vs_k.png", "acc_vs_layer.png", "acc_vs_dbsize.png", "whitebox.png"):
+        assert (out / plot).stat().st_size > 1000, plot
+    variant = JobLayout(out / "databases" / "IG-100-All")
+    model_info = __import__("json").loads(variant.model_info.read_text())
+    assert model_info["sha256"] == __import__("json").loads(layout.model_info.read_text())["sha256"]
+    again = runner.invoke(main, ["evaluate", str(exp_yaml), "--no-progress"])
+    assert again.exit_code == 0 and "0 adversarial set(s) crafted, 0 cell(s)" in again.output

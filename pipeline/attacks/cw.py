@@ -34,6 +34,30 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, ste
     normalised L2 after projection), and per-image ``min_normalised_l2`` (inf: none found)
     and final ``c``.
     """
+    minimal = cw_l2_minimal(model, x, y, steps, lr, binary_steps, c_init, kappa)
+    return project_cw(minimal, x, budget)
+
+
+def project_cw(minimal: dict, x: torch.Tensor, budget: float) -> tuple[torch.Tensor, dict]:
+    """:func:`cw_l2`'s result for ``budget`` from one :func:`cw_l2_minimal` run: CW does not
+    depend on the budget, so a budget sweep runs it once and projects per budget."""
+    x_out = project_l2_box(minimal["x"], x, budget_eps(x, budget)).detach()
+    min_normalised = minimal["min_normalised_l2"]
+    info = {
+        "success_rate": torch.isfinite(min_normalised).float().mean().item(),
+        "under_budget_rate": (min_normalised <= budget).float().mean().item(),
+        "achieved_l2": normalised_l2(x_out, x).mean().item(),
+        "min_normalised_l2": min_normalised,
+        "c": minimal["c"],
+    }
+    return x_out, info
+
+
+def cw_l2_minimal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,
+                  lr: float = 0.01, binary_steps: int = 5, c_init: float = 1.0,
+                  kappa: float = 0.0) -> dict:
+    """The CW search itself: ``x`` = per image the smallest successful perturbation found
+    (else the lowest-margin iterate), ``min_normalised_l2`` (inf where none succeeded), ``c``."""
     view = batch_view(x)
     x = x.detach()
     n = len(x)
@@ -80,12 +104,4 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, ste
     chosen = torch.where(found.view(view), best_adv, fallback)
     x_norm = x.flatten(1).norm(dim=1).clamp_min(1e-12)
     min_normalised = torch.where(found, best_l2sq.sqrt() / x_norm, torch.full_like(c, float("inf")))
-    x_out = project_l2_box(chosen, x, budget_eps(x, budget)).detach()
-    info = {
-        "success_rate": found.float().mean().item(),
-        "under_budget_rate": (min_normalised <= budget).float().mean().item(),
-        "achieved_l2": normalised_l2(x_out, x).mean().item(),
-        "min_normalised_l2": min_normalised,
-        "c": c,
-    }
-    return x_out, info
+    return {"x": chosen.detach(), "min_normalised_l2": min_normalised, "c": c}

@@ -190,30 +190,10 @@ def store_task(store_dir: str, partition_index: int, feature_files: list[str],
 
 
 def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool = True) -> dict:
-    """Run the evaluation grid on the job's query sample and write eval/."""
-    from pipeline.data.shards import expand_shards
-    from pipeline.defense.classifier import DefendedClassifier
-    from pipeline.evaluate.grid import evaluate_grid, write_results
+    """Run the job's evaluation grid (its `evaluate` section) on its query sample into eval/."""
+    from pipeline.evaluate.experiment import evaluate_job
 
     _threads(num_threads)
-    defense = DefendedClassifier.from_job(job_dir)
-    try:
-        from pipeline.runtime.artifacts import load_spec
-
-        job = load_spec(job_dir)
-        ev = job.evaluate
-        decode = decode_args(defense.model)
-        _, images, labels, skipped = load_images(
-            expand_shards(job.data.queries), decode["channels"], decode["size"],
-            job.data.max_image_pixels, None, decode["resize"], decode["interpolation"])
-        if (labels < 0).any():
-            raise ValueError("evaluation needs a label (.cls) for every query image")
-        if ev.num_queries is not None and ev.num_queries < len(images):
-            pick = np.sort(np.random.default_rng(ev.seed).choice(len(images), ev.num_queries, replace=False))
-            images, labels = images[pick], labels[pick]
-        rows, attack_stats = evaluate_grid(defense, images, labels, ev, job.features.layers, progress)
-        out = write_results(JobLayout(job_dir).eval_dir, rows, attack_stats)
-    finally:
-        defense.store.close()
-    return {"num_queries": len(images), "query_skipped": skipped, "markdown": out["markdown"],
-            "rows": rows, "attacks": attack_stats}
+    result = evaluate_job(job_dir, num_threads=num_threads, progress=progress)
+    return {k: result[k] for k in ("num_queries", "query_skipped", "markdown", "sets_crafted",
+                                   "cells_evaluated", "attacks", "claims")}

@@ -1,0 +1,484 @@
+"""Experiments: the evaluation grid over attacks x databases x defenses, resumable by cell.
+
+An experiment file names a job (whose pipeline builds the defense database; it is run first,
+like make), optional extra databases (subsets of the job's database: IG-N-All / IG-N-Targeted
+of several sizes, built by the same pipeline with the job's classifier), and an ``evaluate``
+section with the job spec's own schema. A job's ``evaluate`` stage runs the same code on its
+one database, so a demo job and an experiment share one code path:
+
+    knn-defense evaluate experiments/fashion-mnist.yaml
+
+Without a job, an experiment evaluates a pretrained classifier alone (no kNN), e.g. the
+undefended EfficientNet-Lite0 on labelled ImageNet samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from tqdm import tqdm
+
+from pipeline.config import (
+    WHITE_BOX_ATTACKS,
+    ConfigError,
+    EvaluateSpec,
+    ModelSpec,
+    SubsetSpec,
+    _format_error,
+    _set_dotted,
+    _Strict,
+)
+from pipeline.evaluate.grid import (
+    NONE,
+    cell_rows,
+    defense_list,
+    predict_defenses,
+    save_npz,
+    worst_case_rows,
+)
+from pipeline.evaluate.suite import (
+    AttackContext,
+    AttackDatabase,
+    craft,
+    plan_sets,
+    set_statistics,
+)
+from pipeline.features.backbones import decode_args, images_to_tensor
+
+log = logging.getLogger(__name__)
+
+
+# --- the experiment file ------------------------------------------------------------------------
+
+class DatabaseVariant(_Strict):
+    """Another database for the grid: the job's pipeline on a subset of its database."""
+
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # default IG-<N>-<Kind>
+    subset: SubsetSpec
+
+    @property
+    def name(self) -> str:
+        return self.label or f"IG-{_short(self.subset.size)}-{self.subset.kind.capitalize()}"
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str | None = None  # default runs/experiments/<name>
+    job: str | None = None  # job YAML whose defense is evaluated (built first if needed)
+    include_job_database: bool = True  # evaluate the job's own database too
+    databases: list[DatabaseVariant] = []
+    model: ModelSpec | None = None  # without a job: the (pretrained) classifier to attack
+    queries: str | list[str] | None = None  # default: the job's data.queries
+    max_image_pixels: Annotated[int, Field(gt=0)] = 89_478_485
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.output_dir is None:
+            self.output_dir = f"runs/experiments/{self.name}"
+        if (self.job is None) == (self.model is None):
+            raise ValueError("give exactly one of `job` (a kNN defense to evaluate) or `model` "
+                             "(an undefended classifier)")
+        if self.job is None:
+            if self.queries is None:
+                raise ValueError("`queries` (labelled shards) is required without a job")
+            if self.databases:
+                raise ValueError("`databases` are subsets of a job's database: set `job`")
+            white = [a.name for a in self.evaluate.attacks if a.name in WHITE_BOX_ATTACKS]
+            if white:
+                raise ValueError(f"white-box attacks {white} need a kNN defense: set `job`")
+        names = [d.name for d in self.databases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"database labels must be unique, got {names}")
+        return self
+
+
+def load_experiment(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentSpec:
+    """Read and validate an experiment file; relative paths in it are relative to the current
+    directory, as in job files. Raises ConfigError (one line) before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: an experiment must be a YAML mapping")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(str(path), err)) from None
+    if spec.job is not None and not Path(spec.job).is_file():
+        raise ConfigError(f"{path}: job {spec.job!r} not found")
+    if spec.queries is not None:
+        from pipeline.data.shards import expand_shards
+
+        try:
+            if not expand_shards(spec.queries):
+                raise FileNotFoundError(f"{spec.queries!r} matches no .tar shard")
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: queries: {err}") from None
+    return spec
+
+
+def is_experiment_file(path: str | os.PathLike) -> bool:
+    """Experiment files have no `data` section (job files must)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "data" not in raw
+
+
+def _short(n: int) -> str:
+    for div, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if n >= div and n % div == 0:
+            return f"{n // div}{suffix}"
+    return str(n)
+
+
+# --- building the databases (Ray, through the job runner) ----------------------------------
+
+def variant_job(job_spec, variant: DatabaseVariant, exp: ExperimentSpec, weights: str):
+    """The job that builds ``variant``: the base job on a subset, with the base job's trained
+    classifier (so every database is indexed by the same features)."""
+    from pipeline.config import JobSpec
+
+    raw = job_spec.model_dump(mode="json")
+    raw["name"] = f"{job_spec.name}-{variant.name}"
+    raw["output_dir"] = str(Path(exp.output_dir) / "databases" / variant.name)
+    raw["subset"] = variant.subset.model_dump(mode="json")
+    raw["model"]["weights"] = str(Path(weights).resolve())
+    return JobSpec.model_validate(raw)
+
+
+def build_databases(exp: ExperimentSpec, address: str | None = None, num_cpus: int | None = None,
+                    progress: bool = True) -> list[tuple[str, str]]:
+    """Run the job (and each database variant) through ``verify``; [(label, job_dir)]."""
+    from pipeline.config import load_job
+    from pipeline.layout import JobLayout, read_json
+    from pipeline.runtime.job import run_job
+    from pipeline.runtime.ray_runner import ray_session
+
+    job_spec = load_job(exp.job)
+    out = []
+    with ray_session(address or job_spec.runtime.address, num_cpus or job_spec.runtime.num_cpus):
+        run_job(job_spec, until="verify", progress=progress)
+        layout = JobLayout(job_spec.output_dir)
+        weights = str(layout.root / read_json(layout.model_info)["path"])
+        if exp.include_job_database:
+            out.append((job_spec.name, job_spec.output_dir))
+        for variant in exp.databases:
+            spec = variant_job(job_spec, variant, exp, weights)
+            run_job(spec, until="verify", progress=progress)
+            out.append((variant.name, spec.output_dir))
+    return out
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+@dataclass
+class Database:
+    label: str
+    size: int
+    defense: object  # DefendedClassifier, or None: undefended classifier only
+    fingerprint: str
+    job_dir: str | None = None
+
+
+def open_database(label: str, job_dir: str, **overrides) -> Database:
+    from pipeline.defense.classifier import DefendedClassifier
+    from pipeline.layout import JobLayout, read_json
+
+    defense = DefendedClassifier.from_job(job_dir, **overrides)
+    layout = JobLayout(job_dir)
+    store = read_json(layout.store_info)
+    infos = [read_json(layout.index_info(layer)) for layer in defense.layers]
+    fp = _hash(store, infos, str(Path(job_dir).resolve()))
+    return Database(label, int(store["count"]), defense, fp, job_dir)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int):
+    """(sample keys, images uint8, labels) of the fixed-seed query sample, plus the rest of the
+    split (the white-box attacker may draw from it: images outside the query sample)."""
+    from pipeline.data.shards import load_images
+
+    decode = decode_args(model)
+    keys, images, labels, skipped = load_images(query_urls, decode["channels"], decode["size"],
+                                                max_pixels, None, decode["resize"],
+                                                decode["interpolation"])
+    if (labels < 0).any():
+        raise ValueError("evaluation needs a label (.cls) for every query image")
+    chosen = np.arange(len(images))
+    if ev.num_queries is not None and ev.num_queries < len(images):
+        chosen = np.sort(np.random.default_rng(ev.seed).choice(len(images), ev.num_queries,
+                                                               replace=False))
+    rest = np.setdiff1d(np.arange(len(images)), chosen)
+    return ({"keys": [keys[i] for i in chosen], "images": images[chosen], "labels": labels[chosen],
+             "skipped": skipped},
+            {"images": images[rest], "labels": labels[rest]})
+
+
+def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: list[str],
+                          batch: int = 512) -> AttackDatabase:
+    """``size`` images: ``overlap`` of them from the defense database (its keys: the subset
+    manifest or the feature shards), the rest from query-split images outside the query
+    sample; then their features per layer (the defense's own pooling and PCA) and softmax."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.shards import load_images
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.artifacts import load_spec
+
+    rng = np.random.default_rng(spec_ad.seed)
+    n_in = int(round(spec_ad.size * spec_ad.overlap))
+    n_out = spec_ad.size - n_in
+    if n_out > len(rest["images"]):
+        raise ValueError(f"evaluate.attack_database: {n_out} images outside the defense database "
+                         f"wanted, only {len(rest['images'])} query-split images are outside the "
+                         "query sample; raise overlap or lower size")
+    layout = JobLayout(job_dir)
+    job = load_spec(job_dir)
+    table = pq.read_table(layout.shards_table)
+    if layout.subset_manifest.is_file() and job.subset is not None:
+        db_keys = pq.read_table(layout.subset_manifest, columns=["key"]).column("key").to_pylist()
+    else:
+        db_keys = [k for i in table.column("shard_index").to_pylist()
+                   for k in pq.read_table(layout.features_file(i), columns=["key"]).column("key").to_pylist()]
+    if n_in > len(db_keys):
+        raise ValueError(f"evaluate.attack_database: {n_in} defense-database images wanted, "
+                         f"the database has {len(db_keys)}")
+    wanted = {db_keys[i] for i in rng.choice(len(db_keys), n_in, replace=False)}
+    parts = []
+    if wanted:
+        decode = decode_args(defense.model)
+        keys, images, _, _ = load_images(table.column("url").to_pylist(), decode["channels"],
+                                         decode["size"], job.data.max_image_pixels, None,
+                                         decode["resize"], decode["interpolation"])
+        parts.append(images[[i for i, k in enumerate(keys) if k in wanted]])
+    if n_out:
+        parts.append(rest["images"][rng.choice(len(rest["images"]), n_out, replace=False)])
+    x = images_to_tensor(np.concatenate(parts))
+    feats = {layer: [] for layer in layers}
+    probs = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch):
+            logits, taps = defense.model.forward_taps(x[s:s + batch], layers)
+            probs.append(logits.softmax(1))
+            for layer in layers:
+                stack = defense.transforms[layer]
+                feats[layer].append(stack.project_torch(stack.pool(taps[layer])))
+    softmax = torch.cat(probs)
+    return AttackDatabase({k: torch.cat(v) for k, v in feats.items()}, softmax, softmax.argmax(1),
+                          from_defense=len(wanted))
+
+
+def surrogate_builder(surrogate, train_urls: list[str] | None, cache_dir: Path, max_pixels: int):
+    """The black-box attacker's model: pretrained, or trained here on the database images
+    (cached by content hash, like the train stage)."""
+    def build():
+        from pipeline.features.backbones import file_sha256, load_model, pretrained_weights
+
+        spec = surrogate.model
+        if spec.weights == "random" or not spec.trained_here:
+            from pipeline.features.backbones import build_model
+
+            if spec.weights == "random":
+                return build_model(spec)
+            return load_model(spec, spec.weights or pretrained_weights(spec))
+        from pipeline.data.shards import load_images
+        from pipeline.train.classifier import train_classifier, training_hash
+
+        if not train_urls:
+            raise ValueError("evaluate.surrogate is trained on the job's database: set `job`")
+        digests = [file_sha256(u) if "://" not in u else u for u in train_urls]
+        path = cache_dir / f"classifier-{training_hash(spec, surrogate.train, digests)}.pt"
+        if not path.is_file():
+            _, images, labels, _ = load_images(train_urls, spec.in_channels, None, max_pixels)
+            train_classifier(spec, surrogate.train, images, labels, path)
+        return load_model(spec, path)
+    return build
+
+
+def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: AttackContext,
+             databases: list[Database], layers: list[str], context_fp: str,
+             progress: bool = True) -> dict:
+    """Craft every adversarial set, evaluate every (database, set) cell, and aggregate rows.
+    Sets and cells already on disk (same fingerprints) are loaded, not recomputed."""
+    out = Path(out_dir)
+    x = images_to_tensor(queries["images"])
+    y = torch.as_tensor(queries["labels"], dtype=torch.long)
+    labels = queries["labels"]
+    sets = plan_sets(ev.attacks, layers)
+    adversarial, set_stats, crafted = {}, [], 0
+    bar = tqdm(total=len(sets) * len(x), desc="attacks", unit="img", disable=not progress)
+    for aset in sets:
+        path = out / "sets" / f"{aset.label}-{aset.fingerprint(context_fp)}.npz"
+        if path.is_file():
+            with np.load(path) as saved:
+                adversarial[aset.label] = torch.from_numpy(saved["x"])
+                stats = json.loads(str(saved["stats"]))
+            bar.update(len(x))
+        else:
+            t = time.time()
+            bar.set_postfix_str(aset.label)
+            x_adv, extra = craft(ctx, aset, x, y, bar)
+            stats = {"condition": aset.label, "attack": aset.attack, "threat": aset.threat,
+                     "target_layer": aset.layer or "", "budget": aset.budget,
+                     **set_statistics(x_adv, x, y, ctx, aset), **extra,
+                     "seconds": round(time.time() - t, 2)}
+            save_npz(path, x=x_adv.numpy(), stats=json.dumps(stats))
+            adversarial[aset.label] = x_adv
+            crafted += 1
+        set_stats.append(stats)
+    bar.close()
+    defenses = defense_list(layers, ev.weightings, ev.all_ks) if layers else [NONE]
+    grid_fp = _hash(context_fp, defenses, ev.cbw_d.model_dump())
+    rows, evaluated = [], 0
+    conditions = [({"condition": "clean", "attack": "clean", "threat": "-", "target_layer": "",
+                    "budget": 0.0}, "clean", x)] + [
+        ({k: s[k] for k in ("condition", "attack", "threat", "target_layer", "budget")},
+         s["condition"], adversarial[s["condition"]]) for s in set_stats]
+    for db in tqdm(databases, desc="databases", unit="db", disable=not progress or len(databases) < 2):
+        db_fields = {"database": db.label, "db_size": db.size}
+        db_defenses = defenses if db.defense is not None else [NONE]
+        preds_by_cond = {}
+        for cond, label, images in conditions:
+            path = out / "cells" / db.label / f"{label}-{grid_fp}-{db.fingerprint}.npz"
+            if path.is_file():
+                with np.load(path) as saved:
+                    preds = saved["preds"]
+            else:
+                preds = predict_defenses(db.defense, ctx.model, images, db_defenses)
+                save_npz(path, preds=preds, labels=labels)
+                evaluated += 1
+            preds_by_cond[label] = preds
+            rows.extend(cell_rows(db_fields, {**cond, "attacks_in_worst_case": ""}, db_defenses,
+                                  preds, labels))
+        by_budget: dict[float, list[np.ndarray]] = {}
+        for s in set_stats:
+            by_budget.setdefault(s["budget"], []).append(preds_by_cond[s["condition"]])
+        rows.extend(worst_case_rows(db_fields, preds_by_cond["clean"], by_budget, db_defenses, labels))
+    return {"rows": rows, "attacks": set_stats, "sets_crafted": crafted, "cells_evaluated": evaluated,
+            "num_queries": len(x)}
+
+
+def _threads(ev: EvaluateSpec, default: int | None) -> None:
+    n = ev.threads or default
+    if n:
+        torch.set_num_threads(n)
+
+
+def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 ev: EvaluateSpec | None = None, extra_databases: list[tuple[str, str]] = (),
+                 include_job_database: bool = True, num_threads: int | None = None,
+                 progress: bool = True, title: str | None = None) -> dict:
+    """The grid for a finished job (its ``evaluate`` section unless ``ev``), plus any other
+    finished job folders as extra databases; writes tables and plots into ``out_dir``
+    (default: the job's eval/)."""
+    from pipeline.attacks.knn_aware import feature_fn_for
+    from pipeline.data.shards import expand_shards
+    from pipeline.evaluate.report import write_report
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.artifacts import load_spec
+
+    job = load_spec(job_dir)
+    ev = ev or job.evaluate
+    out_dir = Path(out_dir or JobLayout(job_dir).eval_dir)
+    _threads(ev, num_threads)
+    primary = open_database(job.name, str(job_dir))
+    databases = ([primary] if include_job_database else []) + [
+        open_database(label, path) for label, path in extra_databases]
+    try:
+        layers = list(job.features.layers)
+        queries, rest = load_queries(expand_shards(job.data.queries), primary.defense.model, ev,
+                                     job.data.max_image_pixels)
+        defense = primary.defense
+        ctx = AttackContext(
+            defense.model, ev.seed,
+            feature_fn=lambda layer: feature_fn_for(defense, layer),
+            surrogate_builder=None if ev.surrogate is None else surrogate_builder(
+                ev.surrogate, expand_shards(job.data.database), out_dir / "surrogate",
+                job.data.max_image_pixels),
+            attack_db_builder=lambda: build_attack_database(defense, str(job_dir), ev.attack_database,
+                                                            rest, layers),
+            cbw_d=(ev.cbw_d.m, ev.cbw_d.p))
+        context_fp = _hash(queries["keys"], queries["labels"].tolist(), primary.fingerprint,
+                           ev.seed, ev.attack_database.model_dump(),
+                           None if ev.surrogate is None else ev.surrogate.model_dump())
+        result = run_grid(out_dir, ev, queries, ctx, databases, layers, context_fp, progress)
+    finally:
+        for db in {id(d): d for d in [primary, *databases]}.values():
+            db.defense.close()
+    result["query_skipped"] = queries["skipped"]
+    result.update(write_report(out_dir, result["rows"], result["attacks"], ev,
+                               title=title or job.name))
+    return result
+
+
+def evaluate_model(exp: ExperimentSpec, num_threads: int | None = None, progress: bool = True) -> dict:
+    """The grid for a classifier without a kNN defense (attacks and transfer only)."""
+    from pipeline.data.shards import expand_shards
+    from pipeline.evaluate.report import write_report
+    from pipeline.features.backbones import build_model, file_sha256, load_model, pretrained_weights
+
+    ev = exp.evaluate
+    _threads(ev, num_threads)
+    if exp.model.weights == "random":
+        torch.manual_seed(ev.seed)
+        model, model_fp = build_model(exp.model).eval(), "random"
+    else:
+        weights = exp.model.weights or pretrained_weights(exp.model)
+        model, model_fp = load_model(exp.model, weights).eval(), file_sha256(weights)
+    queries, _ = load_queries(expand_shards(exp.queries), model, ev, exp.max_image_pixels)
+    out_dir = Path(exp.output_dir)
+    ctx = AttackContext(model, ev.seed, surrogate_builder=None if ev.surrogate is None else
+                        surrogate_builder(ev.surrogate, None, out_dir / "surrogate",
+                                          exp.max_image_pixels))
+    context_fp = _hash(queries["keys"], queries["labels"].tolist(), model_fp, ev.seed,
+                       None if ev.surrogate is None else ev.surrogate.model_dump())
+    db = Database("undefended", 0, None, _hash(model_fp))
+    result = run_grid(out_dir, ev, queries, ctx, [db], [], context_fp, progress)
+    result["query_skipped"] = queries["skipped"]
+    result.update(write_report(out_dir, result["rows"], result["attacks"], ev, title=exp.name))
+    return result
+
+
+def run_experiment(exp: ExperimentSpec, address: str | None = None, num_cpus: int | None = None,
+                   progress: bool = True) -> dict:
+    """Build what the experiment needs (Ray), then evaluate it here; writes the experiment's
+    output_dir (experiment.yaml, sets/, cells/, results.csv, attacks.csv, tables.md, plots)."""
+    out = Path(exp.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
+    if exp.job is None:
+        return evaluate_model(exp, num_cpus, progress)
+    databases = build_databases(exp, address, num_cpus, progress)
+    job_dir = databases[0][1] if exp.include_job_database else _job_dir(exp)
+    extra = databases[1:] if exp.include_job_database else databases
+    return evaluate_job(job_dir, out, exp.evaluate, extra, exp.include_job_database,
+                        num_cpus or os.cpu_count(), progress, title=exp.name)
+
+
+def _job_dir(exp: ExperimentSpec) -> str:
+    from pipeline.config import load_job
+
+    return load_job(exp.job).output_dir
