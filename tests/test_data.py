@@ -118,3 +118,31 @@ def test_expand_shards_forms(tmp_path):
     assert expand_shards([want[0], "file://" + want[1]]) == want[:2]
     with pytest.raises(FileNotFoundError, match="nope"):
         expand_shards(str(tmp_path / "nope"))
+
+
+def test_import_images_packs_a_labelled_folder_into_shards(tmp_path):
+    """`knn-defense import-images`: file bytes kept as they are, labels from the names, a clear
+    one-line error (and nothing written) when a name does not match the pattern."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.data.shards import load_images
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i, label in enumerate([3, 7, 1]):
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(src / f"img_{i}_{label}.png")
+    (src / "notes.txt").write_text("not an image")
+    runner = CliRunner()
+    out = tmp_path / "shards"
+    result = runner.invoke(main, ["import-images", str(src), "--out-dir", str(out),
+                                  "--label-pattern", r"_(\d+)\.png$", "--samples-per-shard", "2"])
+    assert result.exit_code == 0, result.output
+    assert "3 images -> 2 shard(s)" in result.output
+    keys, images, labels, skipped = load_images(sorted(str(p) for p in out.glob("*.tar")), 3)
+    assert list(labels) == [3, 7, 1] and images.shape == (3, 10, 12, 3) and not skipped
+    bad = runner.invoke(main, ["import-images", str(src), "--out-dir", str(tmp_path / "bad"),
+                               "--label-pattern", r"class(\d+)"])
+    assert bad.exit_code == 2 and "img_0_3.png: file name does not match" in bad.output
+    assert not (tmp_path / "bad").exists()
