@@ -177,10 +177,10 @@ def run_subset(manifest: Manifest, rule, urls: list[str], out_dir, *, allow_smal
              for i, u, c in zip(shard_indexes, urls, candidates, strict=True)]
     desc = f"subset scan ({rule.kind}, N={rule.size})"
     if run is not None:
-        run.run("subset.scan", units, fp, desc=desc)
+        run.run("subset.scan", units, fp, desc=desc, samples_key="scanned")
     else:
         run_units(manifest, "subset.scan", units, fp, progress=progress, max_retries=max_retries,
-                  desc=desc)
+                  desc=desc, samples_key="scanned")
     counts = [c for _, c in manifest.unit_counts("subset.scan", fp)]
     return finish_subset(rule, candidates, out_dir, counts, allow_smaller)
 

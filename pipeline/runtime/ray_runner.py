@@ -233,7 +233,7 @@ def run_units(manifest: Manifest, stage: str, units: Iterable[Unit], fingerprint
             ready, _ = ray.wait(refs, num_returns=1)
             more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # whatever else is ready
             finished = []
-            for ref in {*ready, *more}:
+            for ref in more or ready:  # `more` includes `ready` unless it was freed meanwhile
                 name = in_flight.pop(ref)
                 try:
                     counts, node = ray.get(ref)
@@ -255,7 +255,7 @@ def run_units(manifest: Manifest, stage: str, units: Iterable[Unit], fingerprint
                 if collect:
                     report.results[name] = counts
             manifest.mark_done_many(stage, finished)
-            bar.update(len(ready) + len(more))
+            bar.update(len(more or ready))
             if samples_key or report.failed:
                 elapsed = max(time.time() - started, 1e-9)
                 bar.set_postfix_str(
