@@ -29,9 +29,9 @@ def _one_line_errors(fn):
         except (ConfigError, FileNotFoundError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
-        except JobFailed as err:
+        except JobFailed as err:  # the summary ends with the retry command
             click.echo(format_summary(err.summary))
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {str(err).splitlines()[0]}", err=True)
             sys.exit(1)
         except (StageFailed, VerifyFailed) as err:
             click.echo(f"error: {err}", err=True)
