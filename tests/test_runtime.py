@@ -122,3 +122,43 @@ def test_manifest_of_an_older_layout_gains_the_new_columns(tmp_path):
     assert row["node"] is None and row["state"] == "done"
     manifest.close()
     assert os.path.getsize(path) > 0
+
+
+def test_url_output_on_several_nodes_needs_a_shared_staging_folder():
+    from pipeline.config import parse_job
+    from pipeline.runtime.job import resource_problems
+
+    raw = {"name": "u", "output_dir": "s3://b/u", "data": {"database": "/d", "queries": "/q"},
+           "runtime": {"resources": {"features": {"num_gpus": 1}}}}
+    one_node = ClusterShape(cpus=8, gpus=1, node_cpus=8, node_gpus=1, node_memory=2**34, nodes=1)
+    two_nodes = ClusterShape(cpus=16, gpus=0, node_cpus=8, node_gpus=0, node_memory=2**34, nodes=2)
+    assert resource_problems(parse_job(raw), one_node) == []
+    problems = resource_problems(parse_job(raw), two_nodes)
+    assert len(problems) == 2 and "num_gpus=1" in problems[0]
+    assert "set runtime.staging_dir to a folder every node mounts" in problems[1]
+    raw["runtime"] = {"staging_dir": "/mnt/shared/u"}
+    assert resource_problems(parse_job(raw), two_nodes) == []
+
+
+def test_a_job_asking_more_than_any_node_has_stops_before_any_work(tmp_path, ray_local):
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.data.fashion_mnist import write_split_shards
+    from tests.conftest import synthetic_images
+
+    images, labels = synthetic_images(20, seed=1)
+    write_split_shards(images, labels, tmp_path / "db", "train", samples_per_shard=10)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "greedy", "output_dir": str(tmp_path / "out"),
+        "data": {"database": str(tmp_path / "db"), "queries": str(tmp_path / "db")},
+        "runtime": {"resources": {"features": {"num_gpus": 1}, "index": {"num_cpus": 64}}}}))
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert lines[0] == "error: job greedy: 2 problems:"
+    assert lines[1].startswith("  - runtime.resources.features: num_gpus=1 but the largest node")
+    assert lines[2].startswith("  - runtime.resources.index: num_cpus=64 but the largest node")
+    assert not (tmp_path / "out").exists()

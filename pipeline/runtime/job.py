@@ -117,9 +117,15 @@ class JobRun:
 
 def resource_problems(spec: JobSpec, shape: ClusterShape) -> list[str]:
     """Stage resources that no node of the connected cluster can give: such tasks would wait
-    forever, so the job refuses to start."""
-    return [p for stage, res in spec.runtime.resources.requested()
-            for p in shape.problems(stage, res.ray_options())]
+    forever, so the job refuses to start. Also a URL output staged in a folder of the driver's
+    machine while tasks may run on other nodes (they would write their outputs elsewhere)."""
+    problems = [p for stage, res in spec.runtime.resources.requested()
+                for p in shape.problems(stage, res.ray_options())]
+    if is_url(spec.output_dir) and spec.runtime.staging_dir is None and shape.nodes > 1:
+        problems.append(f"output_dir is a URL and the cluster has {shape.nodes} nodes (or node "
+                        "types): set runtime.staging_dir to a folder every node mounts at the same "
+                        "path (tasks write their outputs there before the driver uploads them)")
+    return problems
 
 
 # --- stages -----------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ class ClusterShape:
     node_cpus: float
     node_gpus: float
     node_memory: float  # bytes
+    nodes: int = 1  # running nodes plus node types an autoscaler may add
 
     def problems(self, stage: str, options: dict) -> list[str]:
         """Why a task with these Ray options could never be scheduled (empty when it can)."""
@@ -143,7 +144,8 @@ def cluster_shape() -> ClusterShape:
         cpus=int(total.get("CPU", 1)), gpus=int(total.get("GPU", 0)),
         node_cpus=max((r.get("CPU", 0) for r in nodes), default=0),
         node_gpus=max((r.get("GPU", 0) for r in nodes), default=0),
-        node_memory=max((r.get("memory", 0) for r in nodes), default=0))
+        node_memory=max((r.get("memory", 0) for r in nodes), default=0),
+        nodes=len(nodes))
 
 
 def cluster_resources() -> tuple[int, int]:
