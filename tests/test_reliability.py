@@ -167,8 +167,6 @@ def test_driver_killed_mid_job_then_resume_redoes_nothing_done(data, tmp_path, r
 def test_a_shard_that_always_fails_is_failed_the_rest_done_and_resume_fixes_it(data, tmp_path, ray_local):
     path = job_yaml(data, tmp_path / "job", "bad-shard", runtime={"max_retries": 1})
     layout = JobLayout(tmp_path / "job")
-    result = CliRunner().invoke(main, ["run", str(path), "--until", "shards", "--quiet"])
-    assert result.exit_code == 0, result.output
     # storage that refuses shard 2's output on every attempt: the rename lands on a directory
     (layout.features_dir / "00002.parquet").mkdir(parents=True)
     result = CliRunner().invoke(main, ["run", str(path), "--until", "verify", "--quiet"])
