@@ -198,7 +198,11 @@ def test_a_shard_that_always_fails_is_failed_the_rest_done_and_resume_fixes_it(d
 
 
 @pytest.mark.slow
-def test_output_to_an_fsspec_url_uploads_stages_with_markers_and_resumes_elsewhere(data, tmp_path, ray_local):
+def test_output_to_an_fsspec_url_uploads_stages_with_markers_and_resumes_elsewhere(
+        data, tmp_path, ray_local, monkeypatch):
+    from pipeline.runtime import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "default_cache", lambda url: tmp_path / "reader-copy")
     url = f"file://{tmp_path}/bucket/job"
     staging = tmp_path / "staging"
     path = job_yaml(data, tmp_path / "spec" / "unused", "to-url", output_dir=url,

@@ -83,7 +83,10 @@ def test_a_stage_being_reuploaded_has_no_marker_while_its_files_change(tmp_path)
     assert json.loads((tmp_path / "bucket/job/_complete/features.json").read_text())["stage"] == "features"
 
 
-def test_local_job_dir_passes_paths_through_and_refuses_unmarked_urls(tmp_path):
+def test_local_job_dir_passes_paths_through_and_refuses_unmarked_urls(tmp_path, monkeypatch):
+    from pipeline.runtime import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "default_cache", lambda url: tmp_path / "cache")
     assert str(local_job_dir(str(tmp_path / "x"))) == str(tmp_path / "x")
     url = f"file://{tmp_path}/bucket/empty"
     with pytest.raises(FileNotFoundError, match="not a job folder"):
