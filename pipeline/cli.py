@@ -15,10 +15,12 @@ from pipeline.runtime.job import STAGES
 
 
 def _one_line_errors(fn):
-    """Known failures become one line on stderr (exit 2 for bad input, 1 for failed work)."""
+    """Known failures become one line on stderr (exit 2 for bad input, 1 for failed work); a
+    failed job prints its summary first."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.runtime.job import JobFailed, format_summary
         from pipeline.runtime.ray_runner import StageFailed
         from pipeline.runtime.verify import VerifyFailed
 
@@ -27,6 +29,10 @@ def _one_line_errors(fn):
         except (ConfigError, FileNotFoundError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except JobFailed as err:  # the summary ends with the retry command
+            click.echo(format_summary(err.summary))
+            click.echo(f"error: {str(err).splitlines()[0]}", err=True)
+            sys.exit(1)
         except (StageFailed, VerifyFailed) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
@@ -44,33 +50,69 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return out
 
 
+_no_progress = click.option("--no-progress", is_flag=True,
+                            help="No progress bars (one line per stage).")
+_quiet = click.option("--quiet", "-q", is_flag=True,
+                      help="For logs: no progress bars, no per-stage lines; the summary and errors.")
+_progress_options = [_no_progress, _quiet]
+
 _job_options = [
     click.argument("job_yaml", type=click.Path(dir_okay=False)),
     click.option("--address", default=None, help="Ray address; default: start a local Ray on 127.0.0.1."),
     click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray."),
     click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                  help="Override a spec key, e.g. --set evaluate.num_queries=200 (repeatable)."),
-    click.option("--no-progress", is_flag=True, help="No progress bars."),
+    _no_progress,
 ]
 
 
-def job_options(fn):
-    for option in reversed(_job_options):
-        fn = option(fn)
-    return fn
+def _apply(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
-def _run(job_yaml, address, num_cpus, sets, no_progress, until):
-    from pipeline.runtime.job import run_job
+job_options = _apply(_job_options)
+progress_options = _apply(_progress_options)
 
-    spec = load_job(job_yaml, _parse_sets(sets))
-    summary = run_job(spec, until, address=address, num_cpus=num_cpus,
-                      progress=False if no_progress else None)
+
+def _progress_modes(no_progress: bool, quiet: bool) -> dict:
+    """run_job's progress (bars) and announce (a line per stage) for the flags."""
+    if quiet:
+        return {"progress": False, "announce": False}
+    if no_progress:
+        return {"progress": False, "announce": True}
+    return {"progress": None, "announce": None}
+
+
+def _finish(summary: dict, until: str | None) -> None:
+    from pipeline.runtime.job import format_summary
+
     if summary.get("eval_markdown") and until in (None, "evaluate"):
         click.echo("")
         click.echo(summary["eval_markdown"])
-    click.echo(f"job {spec.name}: {summary['written']} images indexed, skipped {summary['skipped'] or 0}; "
-               f"outputs in {spec.output_dir} (stage seconds: {summary['stage_seconds']})")
+    click.echo(format_summary(summary))
+
+
+def _run(job_yaml, address, num_cpus, sets, no_progress, until, quiet=False):
+    from pipeline.runtime.job import run_job
+
+    if _is_jobs_address(address):
+        raise ConfigError(f"--address {address} is a Jobs API address: use `knn-defense submit` "
+                          "(run takes a Ray address such as auto or ray://HEAD:10001)")
+    spec = load_job(job_yaml, _parse_sets(sets))
+    summary = run_job(spec, until, address=address, num_cpus=num_cpus,
+                      **_progress_modes(no_progress, quiet))
+    _finish(summary, until)
+
+
+def _is_jobs_address(address) -> bool:
+    from pipeline.runtime.submit import is_jobs_address
+
+    return is_jobs_address(address)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,48 +126,132 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @job_options
+@_quiet
 @click.option("--until", type=click.Choice(STAGES), default=None,
               help="Stop after this stage (default: run every stage).")
 @_one_line_errors
-def run(job_yaml, address, num_cpus, sets, no_progress, until):
+def run(job_yaml, address, num_cpus, sets, no_progress, quiet, until):
     """Run the job described by JOB_YAML. Finished units are reused: re-running redoes only what
-    is missing, failed, or changed."""
-    _run(job_yaml, address, num_cpus, sets, no_progress, until)
+    is missing, failed, or changed. Exits 1 when units failed (after the others finished),
+    printing what failed and the command that retries it."""
+    _run(job_yaml, address, num_cpus, sets, no_progress, until, quiet)
 
 
 def _stage_command(stage: str):
     @job_options
+    @_quiet
     @_one_line_errors
-    def command(job_yaml, address, num_cpus, sets, no_progress):
-        _run(job_yaml, address, num_cpus, sets, no_progress, stage)
+    def command(job_yaml, address, num_cpus, sets, no_progress, quiet):
+        _run(job_yaml, address, num_cpus, sets, no_progress, stage, quiet)
 
     command.__doc__ = f"Run a job up to its {stage} stage (same as run --until {stage})."
     return main.command(name=stage)(command)
 
 
 for _stage in STAGES:
-    if _stage not in ("import", "subset", "index", "evaluate"):  # these have their own commands
+    if _stage not in ("import", "subset", "index", "evaluate", "verify"):  # these have their own commands
         _stage_command(_stage)
 
 
 @main.command()
 @job_options
+@_quiet
 @_one_line_errors
-def evaluate(job_yaml, address, num_cpus, sets, no_progress):
+def evaluate(job_yaml, address, num_cpus, sets, no_progress, quiet):
     """Run an experiment file (attacks x databases x defenses: tables, plots, claims), or a job
     up to its evaluate stage when JOB_YAML is a job spec. Cells already written are reused."""
     from pipeline.evaluate.experiment import is_experiment_file, load_experiment, run_experiment
 
     if not is_experiment_file(job_yaml):
-        _run(job_yaml, address, num_cpus, sets, no_progress, "evaluate")
+        _run(job_yaml, address, num_cpus, sets, no_progress, "evaluate", quiet)
         return
     exp = load_experiment(job_yaml, _parse_sets(sets))
-    result = run_experiment(exp, address, num_cpus, progress=not no_progress)
+    result = run_experiment(exp, address, num_cpus, progress=not (no_progress or quiet))
     click.echo("")
     click.echo(result["markdown"])
     click.echo(f"experiment {exp.name}: {result['sets_crafted']} adversarial set(s) crafted, "
                f"{result['cells_evaluated']} cell(s) evaluated now (the rest reused); outputs in "
                f"{exp.output_dir}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--address", default=None, help="With a JOB_YAML: Ray address (default: local Ray).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With a JOB_YAML: override a key.")
+@progress_options
+@_one_line_errors
+def verify(target, address, sets, no_progress, quiet):
+    """Check a job folder (path or URL): every selected key is exactly once in Parquet, every
+    FAISS index and the LevelDB store, or recorded as skipped with its reason. Given a JOB_YAML
+    instead, run the job up to its verify stage."""
+    import json
+    import os
+
+    from pipeline.config import is_url
+
+    if not is_url(target) and os.path.isfile(target):
+        _run(target, address, None, sets, no_progress, "verify", quiet)
+        return
+    from pipeline.runtime.verify import verify_folder
+
+    result = verify_folder(target)
+    click.echo(json.dumps(result))
+    click.echo(f"verify: ok, {result['keys']} keys in Parquet, {len(result['layers'])} index(es) "
+               f"and the store exactly once; skipped {result['skipped'] or 0}")
+
+
+@main.command()
+@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a spec key.")
+@click.option("--no-check-inputs", is_flag=True,
+              help="Check the spec only, not that its data and weights exist here (a cluster's spec).")
+@_one_line_errors
+def validate(job_yaml, sets, no_check_inputs):
+    """Check a job spec: every problem (unknown keys, bad values, missing inputs) at once."""
+    spec = load_job(job_yaml, _parse_sets(sets), check_inputs=not no_check_inputs)
+    click.echo(f"{job_yaml}: ok (job {spec.name}, output {spec.output_dir})")
+
+
+@main.command()
+@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@click.option("--address", default=None,
+              help="The cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a spec key (repeatable).")
+@click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
+@click.option("--check-inputs", is_flag=True,
+              help="Also check here that the data and weights exist (when this machine sees the "
+                   "cluster's storage); the cluster checks them before any work anyway.")
+@_one_line_errors
+def submit(job_yaml, address, sets, until, check_inputs):
+    """Submit JOB_YAML to a Ray cluster through the Jobs API and print the job id. The package is
+    shipped with the job; torch and faiss come from the cluster's image. Paths in the spec must
+    be absolute or URLs that the cluster sees. Re-submitting a spec resumes its output folder."""
+    from pipeline.runtime.submit import jobs_api_errors, jobs_client, submit_run
+
+    spec = load_job(job_yaml, _parse_sets(sets), check_inputs=check_inputs)
+    client = jobs_client(address)
+    with jobs_api_errors(address):
+        job_id = submit_run(client, spec, until)
+    click.echo(job_id)
+    click.echo(f"submitted {spec.name} (outputs: {spec.output_dir}); watch it with "
+               f"`knn-defense status {job_id}` / `knn-defense logs {job_id} --follow`", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="The cluster's dashboard (default: $RAY_ADDRESS).")
+@click.option("--follow", "-f", is_flag=True, help="Stream the logs until the job ends.")
+@_one_line_errors
+def logs(job_id, address, follow):
+    """The driver logs of a submitted job."""
+    from pipeline.runtime.submit import follow_logs, jobs_address, jobs_api_errors, jobs_client
+
+    client = jobs_client(address)
+    with jobs_api_errors(jobs_address(address)):
+        if follow:
+            follow_logs(client, job_id, lambda text: click.echo(text, nl=False))
+        else:
+            click.echo(client.get_job_logs(job_id), nl=False)
 
 
 @main.group("index")
@@ -289,11 +415,35 @@ def import_images_cmd(source, out_dir, label_pattern, glob_, samples_per_shard):
     except ValueError as err:
         raise ConfigError(str(err)) from None
     click.echo(f"{result['images']} images -> {len(result['shards'])} shard(s) in {out_dir}")
+def _readable_job(job_dir: str):
+    """A finished job folder to query: the path, or a local copy of a URL's complete stages."""
+    from pipeline.runtime.remote import local_job_dir
+
+    return local_job_dir(job_dir, required=["shards", "train", "transforms", "features", "index",
+                                            "store"])
+
+
+@main.command("generate-shards")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--shards", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--per-shard", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", default=96, show_default=True, type=click.IntRange(min=16),
+              help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--tagged-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of samples carrying an ImageNet-vocabulary hashtag of their class.")
+@_one_line_errors
+def generate_shards(out_dir, shards, per_shard, size, seed, tagged_fraction):
+    """Write generated Instagram-like shards (JPEG, json with hashtags, ImageNet label) for the
+    small ImageNet-shaped job (jobs/imagenet-ig-small.yaml)."""
+    from pipeline.data.generated import write_generated_shards
+
+    paths = write_generated_shards(out_dir, shards, per_shard, size, seed, tagged_fraction)
+    click.echo(f"{len(paths)} shards of {per_shard} samples in {out_dir}")
 
 
 @main.command()
-@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False),
-              help="A finished job folder.")
+@click.option("--job", "job_dir", required=True, help="A finished job folder (path or URL).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--layer", default=None, help="Feature layer (default: the job's last).")
 @click.option("--weighting", type=click.Choice(["uw", "cbw_e", "cbw_d"]), default="cbw_d", show_default=True)
@@ -309,7 +459,7 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
     from pipeline.features.backbones import decode_args
 
     overrides = {"weighting": weighting, **({"layer": layer} if layer else {}), **({"k": k} if k else {})}
-    defense = DefendedClassifier.from_job(job_dir, **overrides)
+    defense = DefendedClassifier.from_job(_readable_job(job_dir), **overrides)
     decode = decode_args(defense.model)
     arrays = []
     for path in images:
@@ -335,8 +485,7 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
 
 
 @main.command()
-@click.option("--job", "job_dir", required=True, type=click.Path(file_okay=False),
-              help="A finished job folder.")
+@click.option("--job", "job_dir", required=True, help="A finished job folder (path or URL).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Bind address (loopback by default; put a proxy in front for remote clients).")
 @click.option("--port", default=8000, show_default=True)
@@ -349,47 +498,127 @@ def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms):
     """HTTP query service: POST /classify, GET /healthz, GET /info."""
     from pipeline.serve.app import serve as run_server
 
-    run_server(job_dir, host, port, max_request_bytes=max_request_mb << 20,
+    run_server(str(_readable_job(job_dir)), host, port, max_request_bytes=max_request_mb << 20,
                max_images_per_request=max_images, batch_window_ms=batch_window_ms)
 
 
 @main.command()
-@click.argument("job_dir", type=click.Path(file_okay=False))
-@click.option("--address", default=None, help="Ray address; default: a local Ray on 127.0.0.1.")
-@click.option("--no-progress", is_flag=True)
+@click.argument("job_dir")
+@click.option("--address", default=None,
+              help="Ray address (default: a local Ray on 127.0.0.1), or a dashboard "
+                   "http://HEAD:8265 to resume on the cluster through the Jobs API.")
+@progress_options
 @_one_line_errors
-def resume(job_dir, address, no_progress):
-    """Finish a job folder from its recorded spec (job.yaml): only units that are not done (or
-    whose inputs changed) run, e.g. after a crash or a killed driver."""
-    from pipeline.runtime.artifacts import load_spec
+def resume(job_dir, address, no_progress, quiet):
+    """Finish a job folder (path or URL) from its recorded spec (job.yaml): only units that are
+    not done (or whose inputs changed) run, e.g. after failures, a crash or a killed driver."""
+    from pipeline.config import is_url
     from pipeline.runtime.job import run_job
+    from pipeline.runtime.submit import is_jobs_address
 
-    spec = load_spec(job_dir)
-    spec.output_dir = str(job_dir)
-    summary = run_job(spec, address=address, progress=False if no_progress else None)
-    if summary.get("eval_markdown"):
-        click.echo(summary["eval_markdown"])
-    click.echo(f"job {spec.name}: {summary['written']} images indexed; outputs in {job_dir}")
+    if is_jobs_address(address):
+        from pipeline.runtime.submit import jobs_api_errors, jobs_client, submit_resume
+
+        client = jobs_client(address)
+        with jobs_api_errors(address):
+            click.echo(submit_resume(client, job_dir))
+        return
+    spec = _recorded_spec(job_dir)
+    spec.output_dir = job_dir if is_url(job_dir) else str(job_dir)
+    summary = run_job(spec, address=address, **_progress_modes(no_progress, quiet))
+    _finish(summary, None)
+
+
+def _recorded_spec(job_dir: str):
+    """The resolved spec a job folder (or URL: its local staging copy, else the upload) was
+    started with."""
+    from pipeline.config import is_url, parse_job
+    from pipeline.runtime.artifacts import load_spec
+
+    if not is_url(job_dir):
+        return load_spec(job_dir)
+    from pipeline.runtime.remote import RemoteJob, default_staging
+
+    remote = RemoteJob(job_dir, default_staging(job_dir))
+    if (remote.staging / "job.yaml").is_file():
+        return load_spec(remote.staging)
+    if not remote.has_job():
+        raise FileNotFoundError(f"{job_dir}: not a job folder (no job.yaml)")
+    raw = yaml.safe_load(remote.read_text("job.yaml"))
+    raw.pop("code_version", None)
+    return parse_job(raw, f"{job_dir}/job.yaml")
 
 
 @main.command()
-@click.argument("job_dir", type=click.Path(file_okay=False))
+@click.argument("target")
+@click.option("--address", default=None,
+              help="For a Ray job id: the cluster's dashboard (default: $RAY_ADDRESS).")
 @_one_line_errors
-def status(job_dir):
-    """Per-stage unit states of a job folder, and the failures."""
-    from pipeline.layout import JobLayout
+def status(target, address):
+    """TARGET is a job folder (path or URL): unit states per stage, the last run's report, the
+    failures; or a submitted job's id: its state on the cluster."""
+    import os
+
+    from pipeline.config import is_url
+
+    if is_url(target) or os.path.isdir(target):
+        _folder_status(target)
+        return
+    import json
+
+    from pipeline.runtime.submit import job_status, jobs_address, jobs_api_errors, jobs_client
+
+    if not target.startswith("knn-defense-") and not target.startswith("raysubmit_") \
+            and not (address or os.environ.get("RAY_ADDRESS")):
+        raise FileNotFoundError(f"{target}: no such job folder (for a submitted job's id pass "
+                                "--address http://HEAD:8265 or set $RAY_ADDRESS)")
+    client = jobs_client(address)
+    with jobs_api_errors(jobs_address(address)):
+        click.echo(json.dumps(job_status(client, target), indent=2, default=str))
+
+
+def _folder_status(target: str) -> None:
+    from pipeline.config import is_url
+    from pipeline.layout import JobLayout, read_json
     from pipeline.runtime.manifest import Manifest
 
-    layout = JobLayout(job_dir)
+    if is_url(target):
+        from pipeline.runtime.remote import RemoteJob, default_cache
+
+        remote = RemoteJob(target, default_cache(target))
+        if not remote.has_job():
+            raise FileNotFoundError(f"{target}: not a job folder (no job.yaml)")
+        remote.fetch_state()
+        layout = JobLayout(remote.staging)
+        complete = sorted(remote.complete_stages())
+        click.echo(f"uploaded and marked complete: {', '.join(complete) or 'nothing yet'}")
+    else:
+        layout = JobLayout(target)
     if not layout.manifest.is_file():
-        raise FileNotFoundError(f"{job_dir}: no manifest; is it a job folder?")
+        raise FileNotFoundError(f"{target}: no manifest; is it a job folder?")
     manifest = Manifest(layout.manifest)
-    stages = [r[0] for r in manifest._db.execute("SELECT DISTINCT stage FROM units ORDER BY rowid")]
-    for stage in stages:
-        click.echo(f"{stage:24s} " + " ".join(f"{k}={v}" for k, v in sorted(manifest.counts(stage).items())))
-    for stage, unit, error in manifest.failures():
-        click.echo(f"FAILED {stage}/{unit}: {(error or '').splitlines()[-1] if error else ''}")
-    manifest.close()
+    try:
+        for stage in manifest.stage_names():
+            states = manifest.counts(stage)
+            info = manifest.stage_info(stage) or {}
+            total = f"/{info['total']}" if info.get("total") else ""
+            line = f"{stage:24s} done={states.get('done', 0)}{total} " + " ".join(
+                f"{k}={v}" for k, v in sorted(states.items()) if k != "done")
+            report = info.get("report")
+            if report:
+                line += f"  (last run: {report['done']} done, {report['failed']} failed, " \
+                        f"{report['cached']} cached, {report['seconds']:.1f}s)"
+            click.echo(line.rstrip())
+        failures = manifest.failures(limit=20)
+        for stage, unit, error in failures:
+            lines = [x for x in (error or "").splitlines() if x.strip()]
+            click.echo(f"FAILED {stage}/{unit}: {lines[-1] if lines else ''}")
+    finally:
+        manifest.close()
+    if layout.summary.is_file():
+        summary = read_json(layout.summary)
+        click.echo(f"last summary: {summary.get('status', 'done')}"
+                   + (f"; retry: {summary['retry']}" if summary.get("retry") else ""))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +17,19 @@ FASHION_MNIST_ENV = "KNN_DEFENSE_FASHION_MNIST_DIR"
 
 
 class ConfigError(ValueError):
-    """A job spec problem, reported as one line naming the file and key."""
+    """Job spec problems: one line naming the file and key, or a first line naming the file and
+    then one line per problem. ``problems`` holds the problem lines."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    @classmethod
+    def listing(cls, source: str, problems: list[str]) -> ConfigError:
+        if len(problems) == 1:
+            return cls(f"{source}: {problems[0]}", problems)
+        lines = "".join(f"\n  - {p}" for p in problems)
+        return cls(f"{source}: {len(problems)} problems:{lines}", problems)
 
 
 class _Strict(BaseModel):
@@ -308,11 +323,89 @@ class EvaluateSpec(_Strict):
         return sorted({self.k, *self.ks})
 
 
+class StageResources(_Strict):
+    """What each Ray task of one stage asks for; None = the stage's default (see ResourcesSpec)."""
+
+    num_cpus: Annotated[float, Field(ge=0)] | None = None
+    num_gpus: Annotated[float, Field(ge=0)] | None = None
+    memory_gb: Annotated[float, Field(gt=0)] | None = None  # Ray's `memory` resource (scheduling)
+
+    @model_validator(mode="after")
+    def _ray_quantities(self):
+        # Ray shares a CPU or GPU only in fractions below 1; above 1 it wants whole units.
+        bad = [f"{k}={v:g}" for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus))
+               if v is not None and v > 1 and v != int(v)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: above 1 a task asks for whole CPUs/GPUs")
+        return self
+
+    def ray_options(self) -> dict:
+        """Ray task options for the fields that are set."""
+        out = {k: getattr(self, k) for k in ("num_cpus", "num_gpus") if getattr(self, k) is not None}
+        if self.memory_gb is not None:
+            out["memory"] = int(self.memory_gb * 2**30)
+        return out
+
+
+class ResourcesSpec(_Strict):
+    """Per-stage task resources. Defaults: one CPU per shard task (shards, subset, features,
+    index populate/merge, store); features add a GPU when the cluster has one; single big tasks
+    (train, transforms, index training/tuning, evaluate) take the largest node's CPUs, at most 8,
+    and train/transforms a GPU when there is one."""
+
+    shards: StageResources = StageResources()
+    subset: StageResources = StageResources()
+    train: StageResources = StageResources()
+    transforms: StageResources = StageResources()
+    features: StageResources = StageResources()
+    index: StageResources = StageResources()
+    store: StageResources = StageResources()
+    verify: StageResources = StageResources()
+    evaluate: StageResources = StageResources()
+
+    def requested(self):
+        """(stage, StageResources) for every stage that sets something."""
+        return [(name, res) for name in type(self).model_fields
+                if (res := getattr(self, name)).ray_options()]
+
+
+# Application errors worth retrying: transient I/O (a flaky NFS or object store, a reset
+# connection, a timeout). Not ValueError and friends: bad data fails the same way every time.
+RETRYABLE_ERRORS: dict[str, type[BaseException]] = {
+    "OSError": OSError, "IOError": OSError, "ConnectionError": ConnectionError,
+    "TimeoutError": TimeoutError, "EOFError": EOFError,
+}
+
+
 class RuntimeSpec(_Strict):
     address: str | None = None  # Ray address; None = start a local Ray ("local")
     num_cpus: Annotated[int, Field(gt=0)] | None = None  # local Ray only
+    # Task retries, shared between worker/node deaths and the exceptions listed below.
     max_retries: Annotated[int, Field(ge=0)] = 2
+    retry_exceptions: list[Literal["OSError", "IOError", "ConnectionError", "TimeoutError",
+                                   "EOFError"]] = ["OSError"]
+    # Tasks submitted and not yet finished, per stage (backpressure: driver and object-store
+    # memory stay flat however many units a stage has). None = 4 per cluster CPU, at least 16.
+    max_in_flight: Annotated[int, Field(gt=0)] | None = None
+    resources: ResourcesSpec = ResourcesSpec()
+    # With an fsspec URL output_dir: the local folder the job is written to before each
+    # finished stage is uploaded. None = <tmp>/knn-defense-staging/<name>-<hash of the URL>.
+    staging_dir: str | None = None
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _fits_local_ray(self):
+        if self.address is None and self.num_cpus is not None:
+            too_big = [f"resources.{stage}.num_cpus={res.num_cpus:g}"
+                       for stage, res in self.resources.requested()
+                       if (res.num_cpus or 0) > self.num_cpus]
+            if too_big:
+                raise ValueError(f"{', '.join(too_big)} exceed(s) the local Ray's "
+                                 f"runtime.num_cpus={self.num_cpus}: such tasks could never start")
+        return self
+
+    def retryable(self) -> list[type[BaseException]]:
+        return sorted({RETRYABLE_ERRORS[name] for name in self.retry_exceptions}, key=str)
 
 
 class JobSpec(_Strict):
@@ -343,22 +436,55 @@ class JobSpec(_Strict):
             raise ValueError("binary codes need features.pca_dim divisible by 8")
         return self
 
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir)
+
+# pydantic names the member of a plain union that failed ("constrained-int", "literal['auto']");
+# the user only needs the key.
+_UNION_MEMBER = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|list\[.*\]|"
+                           r"dict\[.*\]|int|str|float|bool|none|json-or-python\[.*\])$")
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{loc}': remove it or fix its spelling"
-    elif first["type"] == "missing":
-        msg = f"missing required key '{loc}'"
-    else:
-        msg = f"bad value for '{loc}': {first['msg']}" if loc else first["msg"]
-    more = len(err.errors()) - 1
-    return f"{source}: {msg}" + (f" (and {more} more problem(s))" if more else "")
+def _known_keys(loc: list) -> list[str]:
+    """Field names of the section at ``loc`` (for spelling suggestions), or [] when unknown."""
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        candidates = [a for a in typing.get_args(annotation) or (annotation,)
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(candidates) != 1:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _problems(err: ValidationError) -> list[str]:
+    """One line per problem key, in the order pydantic found them."""
+    grouped: dict[str, dict] = {}
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p))]
+        key = ".".join(str(p) for p in loc)
+        entry = grouped.setdefault(key, {"type": e["type"], "loc": loc, "msgs": [], "input": e.get("input")})
+        msg = e["msg"].removeprefix("Value error, ")
+        if entry["msgs"]:  # "... or should be 'auto'"
+            msg = msg.removeprefix("Input ")
+        if msg not in entry["msgs"]:
+            entry["msgs"].append(msg)
+    lines = []
+    for key, e in grouped.items():
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"][:-1]), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}': remove it or fix its spelling{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        elif not key or e["type"] == "value_error":
+            lines.append((f"{key}: " if key else "") + " or ".join(e["msgs"]))
+        else:
+            got = repr(e["input"])
+            got = got if len(got) <= 60 else got[:57] + "..."
+            lines.append(f"bad value for '{key}': {' or '.join(e['msgs'])} (got {got})")
+    return lines
 
 
 def parse_job(raw: dict, source: str = "<job>") -> JobSpec:
@@ -367,11 +493,14 @@ def parse_job(raw: dict, source: str = "<job>") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError.listing(source, _problems(err)) from None
 
 
-def load_job(path: str | os.PathLike, overrides: dict | None = None) -> JobSpec:
-    """Read, validate and check a job spec; raises ConfigError (one line) before any work."""
+def load_job(path: str | os.PathLike, overrides: dict | None = None, *,
+             check_inputs: bool = True) -> JobSpec:
+    """Read, validate and check a job spec; raises ConfigError listing every problem before any
+    work. ``check_inputs=False`` skips the checks that need the data and weights to be here
+    (a spec written for a cluster)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: job spec not found")
@@ -379,10 +508,12 @@ def load_job(path: str | os.PathLike, overrides: dict | None = None) -> JobSpec:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+    if isinstance(raw, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(raw, dotted, value)
     spec = parse_job(raw, str(path))
-    check_paths(spec, str(path))
+    if check_inputs:
+        check_paths(spec, str(path))
     return spec
 
 
@@ -394,43 +525,76 @@ def _set_dotted(raw: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+def is_url(path: str | os.PathLike | None) -> bool:
+    """An fsspec URL (s3://, gs://, file://, memory://, ...) rather than a local path."""
+    return path is not None and "://" in str(path)
+
+
 def check_paths(spec: JobSpec, source: str) -> None:
-    """Data paths must exist now, not halfway through the job."""
+    """Inputs must exist now, not halfway through the job: every problem in one error."""
+    problems = input_problems(spec)
+    if problems:
+        raise ConfigError.listing(source, problems)
+
+
+def _missing_shard_problem(key: str, pattern, limit: int = 3) -> str | None:
     from pipeline.data.shards import expand_shards
 
+    missing: list[str] = []
+    try:
+        urls = expand_shards(pattern, missing=missing)
+    except (OSError, ImportError, ValueError) as err:  # an unreachable or unknown filesystem
+        return f"data.{key}: {err}"
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:limit])
+        more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+        return (f"data.{key}: {len(missing)} of {len(missing) + len(urls)} input shard(s) "
+                f"missing: {shown}{more}")
+    if not urls:
+        return f"data.{key} matches no .tar shard"
+    return None
+
+
+def input_problems(spec: JobSpec) -> list[str]:
+    """Missing data, weights, vocabulary; unknown taps; an output URL nobody can write."""
+    problems = []
     fm = spec.data.fashion_mnist
     if fm is not None:
         from pipeline.data.fashion_mnist import missing_files
 
         missing = missing_files(fm.source_dir)
         if missing:
-            raise ConfigError(
-                f"{source}: data.fashion_mnist.source_dir {fm.source_dir!r} lacks {missing[0]}; "
-                f"install the Debian package dataset-fashion-mnist or set it (or ${FASHION_MNIST_ENV}) "
-                "to a folder with the idx files"
-            )
+            problems.append(
+                f"data.fashion_mnist.source_dir {fm.source_dir!r} lacks {missing[0]}; install the "
+                f"Debian package dataset-fashion-mnist or set it (or ${FASHION_MNIST_ENV}) to a "
+                "folder with the idx files")
     for key in ("database", "queries") if fm is None else ():  # else written by the import
-        try:
-            urls = expand_shards(getattr(spec.data, key))
-        except FileNotFoundError as err:
-            raise ConfigError(f"{source}: data.{key}: {err}") from None
-        if not urls:
-            raise ConfigError(f"{source}: data.{key} matches no .tar shard")
+        problem = _missing_shard_problem(key, getattr(spec.data, key))
+        if problem:
+            problems.append(problem)
     if spec.subset is not None and spec.subset.vocabulary is not None \
             and not Path(spec.subset.vocabulary).is_file():
-        raise ConfigError(f"{source}: subset.vocabulary {spec.subset.vocabulary!r} not found")
+        problems.append(f"subset.vocabulary {spec.subset.vocabulary!r} not found")
     if spec.model.weights not in (None, "random") and not Path(spec.model.weights).is_file():
-        raise ConfigError(f"{source}: model.weights {spec.model.weights!r} not found")
-    if spec.model.arch != "small_resnet" and spec.model.weights is None:
+        problems.append(f"model.weights {spec.model.weights!r} not found")
+    elif spec.model.arch != "small_resnet" and spec.model.weights is None:
         from pipeline.features.backbones import pretrained_weights
 
         try:
             pretrained_weights(spec.model)
         except FileNotFoundError as err:
-            raise ConfigError(f"{source}: model.weights: {err}") from None
+            problems.append(f"model.weights: {err}")
     bad_layers = _unknown_layers(spec)
     if bad_layers:
-        raise ConfigError(f"{source}: features.layers {bad_layers} are not taps of {spec.model.arch}")
+        problems.append(f"features.layers {bad_layers} are not taps of {spec.model.arch}")
+    if is_url(spec.output_dir):
+        import fsspec
+
+        try:
+            fsspec.core.url_to_fs(spec.output_dir)
+        except (ImportError, ValueError) as err:
+            problems.append(f"output_dir {spec.output_dir!r}: {str(err).splitlines()[0]}")
+    return problems
 
 
 def _unknown_layers(spec: JobSpec) -> list[str]:

@@ -31,9 +31,10 @@ _TAR_BUFSIZE = 1 << 16  # tarfile's stream reads; its 10 KiB default means many 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's convention for non-sample members
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
+def expand_shards(spec: str | list[str], missing: list[str] | None = None) -> list[str]:
     """Shard URLs from a folder, a glob, a brace pattern ``{00000..00009}`` or a list of those.
-    Local paths are checked; other fsspec URLs are taken as given."""
+    Local paths are checked: a missing one raises FileNotFoundError, or is appended to
+    ``missing`` when a list is given (to report all of them); other fsspec URLs are taken as given."""
     items = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in items:
@@ -52,6 +53,8 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                 urls += sorted(glob.glob(one))
             elif os.path.isfile(one):
                 urls.append(one)
+            elif missing is not None:
+                missing.append(one)
             else:
                 raise FileNotFoundError(f"{one!r} does not exist")
     return urls

@@ -35,7 +35,7 @@ from pipeline.config import (
     EvaluateSpec,
     ModelSpec,
     SubsetSpec,
-    _format_error,
+    _problems,
     _set_dotted,
     _Strict,
 )
@@ -121,7 +121,7 @@ def load_experiment(path: str | os.PathLike, overrides: dict | None = None) -> E
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(str(path), err)) from None
+        raise ConfigError.listing(str(path), _problems(err)) from None
     if spec.job is not None and not Path(spec.job).is_file():
         raise ConfigError(f"{path}: job {spec.job!r} not found")
     if spec.queries is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +20,28 @@ import torch
 import yaml
 
 from pipeline import __version__
-from pipeline.config import ConfigError, JobSpec
+from pipeline.config import ConfigError, JobSpec, is_url
 from pipeline.data.shards import expand_shards
 from pipeline.features.backbones import file_sha256
 from pipeline.ids import MAX_SHARDS, partition_of_shard
 from pipeline.layout import JobLayout, read_json, write_json
 from pipeline.runtime import tasks
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.ray_runner import StageFailed, Unit, cluster_resources, ray_session, run_units
+from pipeline.runtime.ray_runner import (
+    ClusterShape,
+    StageFailed,
+    StageReport,
+    Unit,
+    cluster_shape,
+    ray_session,
+    run_units,
+)
 
 log = logging.getLogger(__name__)
 
 STAGES = ["import", "shards", "subset", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
+# Single big tasks: by default the largest node's CPUs (at most this many).
+BIG_TASK_MAX_CPUS = 8
 
 
 def fingerprint(*parts) -> str:
@@ -43,29 +54,78 @@ class JobRun:
     layout: JobLayout
     manifest: Manifest
     progress: bool = True
-    cpus: int = 1
-    gpus: int = 0
+    shape: ClusterShape = field(default_factory=lambda: ClusterShape(1, 0, 1, 0, 0))
     state: dict = field(default_factory=dict)  # fingerprints and paths passed between stages
     times: dict = field(default_factory=dict)
+    reports: dict[str, StageReport] = field(default_factory=dict)  # manifest stage -> last report
+
+    @property
+    def cpus(self) -> int:
+        return self.shape.cpus
+
+    @property
+    def gpus(self) -> int:
+        return self.shape.gpus
 
     @property
     def retries(self) -> int:
         return self.spec.runtime.max_retries
 
-    def run(self, stage: str, units: list[Unit], fp: str, **options) -> dict:
-        options.setdefault("max_retries", self.retries)
-        return run_units(self.manifest, stage, units, fp, progress=self.progress, **options)
-
-    def single(self, stage: str, fn, fp: str, *args, num_cpus: float = 1, num_gpus: float = 0,
-               **kwargs) -> dict | None:
-        """One task; returns its result, or None when already done with this fingerprint."""
-        out = self.run(stage, [Unit(stage, fn, args, kwargs)], fp, num_cpus=num_cpus, num_gpus=num_gpus)
-        return out.get(stage)
-
     @property
     def task_cpus(self) -> int:
-        """CPUs for a single big task (training, evaluation): the whole local machine, at most 8."""
-        return max(1, min(self.cpus, 8))
+        """CPUs for a single big task (training, evaluation): the largest node's, at most 8."""
+        return max(1, min(int(self.shape.node_cpus), BIG_TASK_MAX_CPUS))
+
+    def resources(self, section: str, big: bool = False) -> dict:
+        """Ray options for a task of ``section`` (runtime.resources.<section>): the spec's values
+        over the stage's defaults (one CPU per shard task, the largest node's CPUs up to 8 for a
+        big single task; a GPU for features, training and transforms when the cluster has one)."""
+        gpu_default = 1 if self.shape.node_gpus >= 1 and section in ("features", "train", "transforms") else 0
+        options = {"num_cpus": self.task_cpus if big else 1, "num_gpus": gpu_default}
+        options.update(getattr(self.spec.runtime.resources, section).ray_options())
+        return options
+
+    def threads(self, options: dict) -> int:
+        """Torch threads for a task: the CPUs it asked for."""
+        return max(1, int(options.get("num_cpus") or 1))
+
+    def max_in_flight(self) -> int:
+        return self.spec.runtime.max_in_flight or max(16, 4 * self.shape.cpus)
+
+    def run(self, stage: str, units, fp: str, section: str | None = None, *, big: bool = False,
+            **options) -> StageReport:
+        """Run a stage's units with the resources of ``section`` (default: the stage's name)."""
+        ray_options = self.resources(section or stage.split(".")[0], big)
+        ray_options.update(options)
+        ray_options.setdefault("max_retries", self.retries)
+        ray_options.setdefault("retry_exceptions", self.spec.runtime.retryable())
+        ray_options.setdefault("max_in_flight", self.max_in_flight())
+        try:
+            report = run_units(self.manifest, stage, units, fp, progress=self.progress, **ray_options)
+        except StageFailed as err:
+            self.reports[stage] = err.report
+            raise
+        self.reports[stage] = report
+        return report
+
+    def single(self, stage: str, fn, fp: str, *args, section: str | None = None,
+               big: bool = True, **kwargs) -> dict | None:
+        """One task; returns its result, or None when already done with this fingerprint."""
+        report = self.run(stage, [Unit(stage, fn, args, kwargs)], fp, section, big=big, collect=True)
+        return report.results.get(stage)
+
+
+def resource_problems(spec: JobSpec, shape: ClusterShape) -> list[str]:
+    """Stage resources that no node of the connected cluster can give: such tasks would wait
+    forever, so the job refuses to start. Also a URL output staged in a folder of the driver's
+    machine while tasks may run on other nodes (they would write their outputs elsewhere)."""
+    problems = [p for stage, res in spec.runtime.resources.requested()
+                for p in shape.problems(stage, res.ray_options())]
+    if is_url(spec.output_dir) and spec.runtime.staging_dir is None and shape.nodes > 1:
+        problems.append(f"output_dir is a URL and the cluster has {shape.nodes} nodes (or node "
+                        "types): set runtime.staging_dir to a folder every node mounts at the same "
+                        "path (tasks write their outputs there before the driver uploads them)")
+    return problems
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -97,7 +157,7 @@ def stage_shards(run: JobRun) -> None:
     else:
         fp = fingerprint(urls)
         run.run("shards", [Unit(f"{i:05d}", tasks.scan_task, (u,)) for i, u in enumerate(urls)], fp,
-                desc="scan shards")
+                desc="scan shards", samples_key="num_keys")
         counts = dict(run.manifest.unit_counts("shards", fp))
         table = [{"shard_index": i, "url": u, "num_keys": counts[f"{i:05d}"]["num_keys"],
                   "num_samples": counts[f"{i:05d}"]["num_samples"]} for i, u in enumerate(urls)]
@@ -108,10 +168,11 @@ def stage_shards(run: JobRun) -> None:
 
 
 def run_subset(manifest: Manifest, rule, urls: list[str], out_dir, *, allow_smaller: bool = False,
-               progress: bool = True, max_retries: int = 2, shard_indexes: list[int] | None = None
-               ) -> dict:
+               progress: bool = True, max_retries: int = 2, shard_indexes: list[int] | None = None,
+               run: JobRun | None = None) -> dict:
     """Scan every shard (one task each) for its smallest-hash eligible keys, then merge them into
-    ``out_dir/subset.parquet`` and ``summary.json``. Shared by the job stage and `subset build`."""
+    ``out_dir/subset.parquet`` and ``summary.json``. Shared by the job stage (``run``: the job's
+    resources and retries) and `subset build`."""
     from pipeline.data.subsets import finish_subset, scan_shard_candidates
 
     out_dir = Path(out_dir)
@@ -120,8 +181,12 @@ def run_subset(manifest: Manifest, rule, urls: list[str], out_dir, *, allow_smal
     fp = fingerprint(urls, rule)
     units = [Unit(f"{i:05d}", scan_shard_candidates, (u, i, rule, c))
              for i, u, c in zip(shard_indexes, urls, candidates, strict=True)]
-    run_units(manifest, "subset.scan", units, fp, progress=progress, max_retries=max_retries,
-              desc=f"subset scan ({rule.kind}, N={rule.size})")
+    desc = f"subset scan ({rule.kind}, N={rule.size})"
+    if run is not None:
+        run.run("subset.scan", units, fp, desc=desc, samples_key="scanned")
+    else:
+        run_units(manifest, "subset.scan", units, fp, progress=progress, max_retries=max_retries,
+                  desc=desc, samples_key="scanned")
     counts = [c for _, c in manifest.unit_counts("subset.scan", fp)]
     return finish_subset(rule, candidates, out_dir, counts, allow_smaller)
 
@@ -149,8 +214,8 @@ def stage_subset(run: JobRun) -> None:
         try:
             summary = run_subset(run.manifest, rule, [s["url"] for s in run.state["shards"]],
                                  layout.subset_dir, allow_smaller=spec.subset.allow_smaller,
-                                 progress=run.progress, max_retries=run.retries,
-                                 shard_indexes=[s["shard_index"] for s in run.state["shards"]])
+                                 shard_indexes=[s["shard_index"] for s in run.state["shards"]],
+                                 run=run)
         except NotEnoughSamples as err:
             run.manifest.mark_failed("subset", "merge", str(err))
             raise StageFailed(f"stage subset: {err}") from None
@@ -195,7 +260,7 @@ def stage_train(run: JobRun) -> None:
         fp = training_hash(spec.model, spec.train, [file_sha256(u) if "://" not in u else u for u in urls])
         path = layout.model_dir / f"classifier-{fp}.pt"
         result = run.single("train", tasks.train_task, fp, spec.model_dump(), urls, str(path),
-                            run.task_cpus, num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
+                            run.threads(run.resources("train", big=True)))
         if result is not None or not layout.model_info.is_file():
             if not path.is_file():
                 raise RuntimeError(f"{path}: the train stage is marked done but its output is gone; "
@@ -216,7 +281,7 @@ def stage_transforms(run: JobRun) -> None:
                      [s["url"] for s in run.state["shards"]])
     result = run.single("transforms", tasks.fit_transforms_task, fp, spec.model_dump(),
                         run.state["shards"], run.state["weights"], str(layout.root),
-                        run.task_cpus, num_cpus=run.task_cpus, num_gpus=min(run.gpus, 1))
+                        run.threads(run.resources("transforms", big=True)))
     if result is not None:
         write_json(layout.transforms_info, {"weights_sha256": run.state["weights_sha256"],
                                             "files": result["files"], "fingerprint": fp,
@@ -232,10 +297,12 @@ def stage_features(run: JobRun) -> None:
                      spec.data.max_image_pixels, __version__, run.state["subset_fp"] if subset else None)
     provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
                   "transform_sha256": run.state["transform_sha256"]}
-    units = [Unit(f"{s['shard_index']:05d}", tasks.features_task,
+    threads = run.threads(run.resources("features"))
+    units = (Unit(f"{s['shard_index']:05d}", tasks.features_task,
                   (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
-                   str(layout.root), provenance, 1, subset)) for s in run.state["shards"]]
-    run.run("features", units, fp, desc="features", num_gpus=1 if run.gpus else 0)
+                   str(layout.root), provenance, threads, subset)) for s in run.state["shards"])
+    run.run("features", units, fp, desc="features", total=len(run.state["shards"]),
+            samples_key="written")
     run.state["features_fp"] = fp
 
 
@@ -252,13 +319,13 @@ def stage_index(run: JobRun) -> None:
         factories[layer], train_sizes[layer] = _index_factory(run, layer, subset)
         run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
                    factories[layer], train_sizes[layer], spec.seed,
-                   str(layout.trained_index(layer)), str(layout.root), num_cpus=run.task_cpus)
+                   str(layout.trained_index(layer)), str(layout.root))
     units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
                   (layer, str(layout.trained_index(layer)), files[j],
                    str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset))
              for layer in spec.features.layers for j, s in enumerate(shards)]
     # One fingerprint per stage: combine the layers' ones (each unit names its layer).
-    run.run("index.populate", units, fingerprint(fps), desc="index populate")
+    run.run("index.populate", units, fingerprint(fps), desc="index populate", samples_key="added")
     num_parts = spec.store.partitions
     for layer in spec.features.layers:
         if spec.index.layout == "merged":
@@ -272,8 +339,9 @@ def stage_index(run: JobRun) -> None:
                        [str(layout.index_part(layer, i)) for i in members],
                        str(layout.merged_index(layer) if p is None else layout.index_shard(layer, p))))
                  for p, members in groups.items()]
-        results = run.run(f"index.merge.{layer}", units, fps[layer], desc=f"index merge {layer}")
-        if results or not layout.index_info(layer).is_file():
+        merged = run.run(f"index.merge.{layer}", units, fps[layer], desc=f"index merge {layer}",
+                         samples_key="ntotal")
+        if merged.ran or not layout.index_info(layer).is_file():
             counts = dict(run.manifest.unit_counts(f"index.merge.{layer}", fps[layer]))
             fixed_nprobe = None if spec.index.nprobe == "auto" else spec.index.nprobe
             write_json(layout.index_info(layer), {
@@ -285,7 +353,7 @@ def stage_index(run: JobRun) -> None:
             if spec.index.factory == "auto" or spec.index.nprobe == "auto":
                 tuned = run.single(f"index.tune.{layer}", tasks.tune_task, fps[layer],
                                    str(layout.root), layer, files, spec.evaluate.k,
-                                   spec.index.target_recall, subset, num_cpus=run.task_cpus)
+                                   spec.index.target_recall, subset)
                 info = read_json(layout.index_info(layer))
                 info["recall"] = {k: tuned[k] for k in ("recall", "curve", "queries", "k")}
                 info["nprobe"] = fixed_nprobe or tuned["nprobe"] or tuned["curve"][-1]["nprobe"] or 1
@@ -331,8 +399,8 @@ def stage_store(run: JobRun) -> None:
     units = [Unit(f"part-{p:03d}", tasks.store_task,
                   (str(layout.store_dir), p, files, subset, encoding, options))
              for p, files in groups.items()]
-    results = run.run("store", units, fp, desc="store")
-    if results or not layout.store_info.is_file():
+    stored = run.run("store", units, fp, desc="store", samples_key="written")
+    if stored.ran or not layout.store_info.is_file():
         counts = dict(run.manifest.unit_counts("store", fp))
         write_json(layout.store_info, {"partitions": num_parts, "encoding": encoding,
                                        "count": sum(c["written"] for c in counts.values()),
@@ -348,7 +416,7 @@ def stage_verify(run: JobRun) -> None:
     sub = run.spec.subset
     result = run.single("verify", verify_job, fp, str(run.layout.root), run.state["shards"],
                         run.spec.features.layers, run.spec.store.partitions,
-                        run.state["subset_manifest"], sub.apply if sub else None)
+                        run.state["subset_manifest"], sub.apply if sub else None, big=False)
     if result is not None:
         run.state["verify"] = result
 
@@ -357,8 +425,8 @@ def stage_evaluate(run: JobRun) -> None:
     spec = run.spec
     fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), spec.index.model_dump(),
                      spec.evaluate.model_dump(), expand_shards(spec.data.queries))
-    result = run.single("evaluate", tasks.evaluate_task, fp, str(run.layout.root), run.task_cpus,
-                        run.progress, num_cpus=run.task_cpus)
+    result = run.single("evaluate", tasks.evaluate_task, fp, str(run.layout.root),
+                        run.threads(run.resources("evaluate", big=True)), run.progress)
     results_md = run.layout.eval_dir / "results.md"
     run.state["eval_markdown"] = result["markdown"] if result else results_md.read_text()
 
@@ -375,36 +443,95 @@ def write_resolved_spec(spec: JobSpec, layout: JobLayout) -> None:
     tmp.replace(layout.job_yaml)
 
 
+class JobFailed(StageFailed):
+    """The job stopped after a stage with failed units; ``summary`` says what failed and how to
+    retry (the summary was also written to summary.json)."""
+
+    def __init__(self, message: str, summary: dict, report: StageReport | None = None):
+        super().__init__(message, report)
+        self.summary = summary
+
+
+def retry_command(output_dir: str) -> str:
+    return f"knn-defense resume {shlex.quote(str(output_dir))}"
+
+
+def _remote_for(spec: JobSpec):
+    """The uploader of a job whose output_dir is an fsspec URL (None for a local folder)."""
+    if not is_url(spec.output_dir):
+        return None
+    from pipeline.runtime.remote import RemoteJob, default_staging
+
+    remote = RemoteJob(spec.output_dir, spec.runtime.staging_dir or default_staging(spec.output_dir))
+    if not JobLayout(remote.staging).manifest.is_file() and remote.has_job():
+        remote.fetch()  # staged elsewhere before: start from what was uploaded
+    return remote
+
+
 def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = None,
-            num_cpus: int | None = None, progress: bool | None = None) -> dict:
+            num_cpus: int | None = None, progress: bool | None = None,
+            announce: bool | None = None) -> dict:
     """Run a validated job up to and including stage ``until`` (default: all stages), like make:
     units already done with the same fingerprint are not run again. Returns the summary written
-    to ``summary.json``."""
+    to ``summary.json``; raises JobFailed (after writing it) when units of a stage failed: the
+    stage's other units finish, later stages do not start.
+
+    With an fsspec URL as output_dir the job runs in a local staging folder and each finished
+    stage is uploaded, then marked complete (pipeline/runtime/remote.py)."""
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}; stages are {STAGES}")
     to_run = STAGES[: STAGES.index(until) + 1] if until else STAGES
-    layout = JobLayout(spec.output_dir)
-    write_resolved_spec(spec, layout)
-    manifest = Manifest(layout.manifest)
     progress = spec.runtime.progress if progress is None else progress
-    try:
-        with ray_session(address or spec.runtime.address, num_cpus or spec.runtime.num_cpus):
-            cpus, gpus = cluster_resources()
-            run = JobRun(spec, layout, manifest, progress, cpus, gpus)
+    announce = progress if announce is None else announce
+    with ray_session(address or spec.runtime.address, num_cpus or spec.runtime.num_cpus):
+        shape = cluster_shape()
+        problems = resource_problems(spec, shape)
+        if problems:  # before any work: such tasks would wait forever
+            raise ConfigError.listing(f"job {spec.name}", problems)
+        remote = _remote_for(spec)
+        layout = JobLayout(remote.staging if remote else spec.output_dir)
+        write_resolved_spec(spec, layout)
+        if remote is not None:
+            remote.upload_state()  # job.yaml: resume finds the spec even if stage 1 never ends
+        manifest = Manifest(layout.manifest)
+        try:
+            run = JobRun(spec, layout, manifest, progress, shape)
+            failure = None
             for stage in to_run:
                 t = time.time()
-                STAGE_FUNCS[stage](run)
-                run.times[stage] = round(time.time() - t, 2)
-                if progress:
+                try:
+                    STAGE_FUNCS[stage](run)
+                except StageFailed as err:
+                    failure = err
+                    break
+                finally:
+                    run.times[stage] = round(time.time() - t, 2)
+                if remote is not None and stage in _uploaded_stages():
+                    remote.upload_stage(stage)
+                    remote.upload_state(manifest)
+                if announce:
                     print(f"[{spec.name}] {stage} done ({run.times[stage]:.1f}s)", flush=True)
-        summary = build_summary(run)
-        write_json(layout.summary, summary)
-        return {**summary, "eval_markdown": run.state.get("eval_markdown")}
-    finally:
-        manifest.close()
+            summary = build_summary(run, failure)
+            write_json(layout.summary, summary)
+            if remote is not None:
+                remote.upload_state(manifest)
+        finally:
+            manifest.close()
+    if failure is not None:
+        raise JobFailed(f"{failure}\nretry: {summary['retry']}", summary, failure.report) from None
+    return {**summary, "eval_markdown": run.state.get("eval_markdown")}
 
 
-def build_summary(run: JobRun) -> dict:
+def _uploaded_stages() -> set[str]:
+    from pipeline.runtime.remote import STAGE_OUTPUTS
+
+    return set(STAGE_OUTPUTS)
+
+
+_FAILED_LISTED = 50
+
+
+def build_summary(run: JobRun, failure: StageFailed | None = None) -> dict:
     skipped: dict[str, int] = {}
     written = read = 0
     for _, counts in run.manifest.unit_counts("features", run.state.get("features_fp")):
@@ -412,8 +539,49 @@ def build_summary(run: JobRun) -> dict:
         written += counts.get("written", 0)
         for reason, n in counts.get("skipped", {}).items():
             skipped[reason] = skipped.get(reason, 0) + n
-    return {"job": run.spec.name, "code_version": __version__, "stage_seconds": run.times,
-            "shards": len(run.state.get("shards", [])), "keys_read": read, "written": written,
-            "skipped": skipped, "verify": run.state.get("verify"),
-            "subset": run.state.get("subset_summary"),
-            "cluster": {"cpus": run.cpus, "gpus": run.gpus}}
+    summary = {"job": run.spec.name, "status": "failed" if failure else "done",
+               "output_dir": run.spec.output_dir, "code_version": __version__,
+               "stage_seconds": run.times,
+               "stages": {name: report.as_dict() for name, report in run.reports.items()},
+               "shards": len(run.state.get("shards", [])), "keys_read": read, "written": written,
+               "skipped": skipped, "verify": run.state.get("verify"),
+               "subset": run.state.get("subset_summary"),
+               "cluster": {"cpus": run.cpus, "gpus": run.gpus}}
+    if failure is not None:
+        stage = failure.report.stage if failure.report else None
+        failed = run.manifest.failures(stage, limit=_FAILED_LISTED)
+        summary["failed_stage"] = stage
+        summary["failed_total"] = failure.report.failed if failure.report else len(failed)
+        summary["failed_units"] = [{"stage": st, "unit": unit, "error": error}
+                                   for st, unit, error in failed]
+        summary["error"] = str(failure)
+        summary["retry"] = retry_command(run.spec.output_dir)
+    return summary
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a table (one row per stage run), then failures and the retry command."""
+    rows = [("stage", "units", "done", "cached", "failed", "samples", "samples/s", "seconds",
+             "skipped")]
+    for name, r in summary.get("stages", {}).items():
+        rows.append((name, r["units"], r["done"], r["cached"], r["failed"], r["samples"] or "",
+                     r["samples_per_s"] or "", f"{r['seconds']:.1f}",
+                     ", ".join(f"{k}={v}" for k, v in sorted(r["skipped"].items()))))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) if i in (0, 8) else str(v).rjust(w)
+                       for i, (v, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    lines.append(f"job {summary['job']}: {summary['status']}; {summary['written']} images written, "
+                 f"skipped {summary['skipped'] or 0}; outputs in {summary['output_dir']}")
+    if summary["status"] == "failed":
+        total, listed = summary["failed_total"], summary["failed_units"]
+        lines.append(f"FAILED: {total} unit(s) of stage {summary['failed_stage']}"
+                     + (f" (first {len(listed)} below; all in the manifest)" if total > len(listed) else ""))
+        lines += [f"  {u['stage']}/{u['unit']}: {_last_line(u['error'])}" for u in listed]
+        lines.append(f"retry: {summary['retry']}")
+    return "\n".join(lines)

@@ -1,13 +1,21 @@
-"""Ray at the edge: start/attach, and run plain functions as retried tasks with a progress bar."""
+"""Ray at the edge: start/attach, and run plain functions as retried tasks with a progress bar.
+
+``run_units`` keeps at most ``max_in_flight`` tasks submitted at a time and reads the units
+lazily, so a stage of a million units holds a bounded number of object refs and unit objects in
+the driver; what it has done lives in the SQLite manifest, not in memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import time
 import traceback
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from tqdm import tqdm
 
@@ -19,9 +27,47 @@ log = logging.getLogger(__name__)
 # to roughly double CPU inference throughput (DESIGN.md). Workers inherit them.
 WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
+DEFAULT_MAX_IN_FLIGHT = 256
+_FAILURES_KEPT = 20  # failures listed in a report; the manifest keeps all of them
+
+
+@dataclass
+class StageReport:
+    """What one run of a stage did: units done now / failed / already done (cached),
+    samples and skips (from the units' counts), wall time, and units per node."""
+
+    stage: str
+    units: int = 0
+    done: int = 0
+    failed: int = 0
+    cached: int = 0
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    nodes: Counter = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first few (unit, error)
+    results: dict[str, dict] = field(default_factory=dict)  # only when run_units(collect=True)
+
+    @property
+    def ran(self) -> int:
+        return self.done + self.failed
+
+    def as_dict(self) -> dict:
+        return {"units": self.units, "done": self.done, "failed": self.failed,
+                "cached": self.cached, "samples": self.samples, "skipped": dict(self.skipped),
+                "seconds": round(self.seconds, 3),
+                "samples_per_s": round(self.samples / self.seconds, 1) if self.seconds and self.samples else None,
+                "units_per_s": round(self.done / self.seconds, 2) if self.seconds and self.done else None,
+                "nodes": len(self.nodes),
+                "failures": [{"unit": u, "error": e} for u, e in self.failures]}
+
 
 class StageFailed(RuntimeError):
-    pass
+    """Some units of a stage failed after their retries; the others finished."""
+
+    def __init__(self, message: str, report: StageReport | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 @contextlib.contextmanager
@@ -39,6 +85,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": WORKER_ENV}, logging_level=logging.WARNING)
     else:
+        from pipeline.runtime.auth import enable_token_auth
+
+        enable_token_auth()  # a token-protected cluster rejects a driver without it
         ray.init(address=address, logging_level=logging.WARNING)
     try:
         yield ray
@@ -46,12 +95,63 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         ray.shutdown()
 
 
-def cluster_resources() -> tuple[int, int]:
-    """(CPUs, GPUs) of the connected cluster."""
+@dataclass(frozen=True)
+class ClusterShape:
+    """Totals and the largest node: a task asking more than the largest node has never starts."""
+
+    cpus: int
+    gpus: int
+    node_cpus: float
+    node_gpus: float
+    node_memory: float  # bytes
+    nodes: int = 1  # running nodes plus node types an autoscaler may add
+
+    def problems(self, stage: str, options: dict) -> list[str]:
+        """Why a task with these Ray options could never be scheduled (empty when it can)."""
+        out = []
+        for key, have, what in (("num_cpus", self.node_cpus, "CPUs"), ("num_gpus", self.node_gpus, "GPUs"),
+                                ("memory", self.node_memory, "bytes of memory")):
+            want = options.get(key) or 0
+            if want > have:
+                shown = f"memory_gb={want / 2**30:g}" if key == "memory" else f"{key}={want:g}"
+                largest = f"{have / 2**30:.1f} GB" if key == "memory" else f"{have:g} {what}"
+                out.append(f"runtime.resources.{stage}: {shown} but the largest node of the "
+                           f"cluster has {largest}: such a task could never start")
+        return out
+
+
+def _autoscaler_node_types() -> list[dict]:
+    """Resources of the node types an autoscaling cluster may still start (none otherwise).
+    Ray keeps them in the GCS; the accessor is internal (Ray Data and Train use it), so any
+    failure means "unknown" and only the running nodes count."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an internal API; its absence is not an error
+        return []
+    if config is None:
+        return []
+    return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+
+
+def cluster_shape() -> ClusterShape:
     import ray
 
-    res = ray.cluster_resources()
-    return int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] + _autoscaler_node_types()
+    total = ray.cluster_resources()
+    return ClusterShape(
+        cpus=int(total.get("CPU", 1)), gpus=int(total.get("GPU", 0)),
+        node_cpus=max((r.get("CPU", 0) for r in nodes), default=0),
+        node_gpus=max((r.get("GPU", 0) for r in nodes), default=0),
+        node_memory=max((r.get("memory", 0) for r in nodes), default=0),
+        nodes=len(nodes))
+
+
+def cluster_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) of the connected cluster."""
+    shape = cluster_shape()
+    return shape.cpus, shape.gpus
 
 
 @dataclass
@@ -63,52 +163,112 @@ class Unit:
 
 
 def _call(fn, args, kwargs):
-    return fn(*args, **kwargs)
+    """The task body: the plain function, plus the node it ran on (recorded per unit)."""
+    import ray
+
+    return fn(*args, **kwargs), ray.get_runtime_context().get_node_id()
 
 
-def run_units(manifest: Manifest, stage: str, units: list[Unit], fingerprint: str, *,
-              num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2,
-              progress: bool = True, desc: str | None = None) -> dict[str, dict]:
+def _error_text(exn: BaseException) -> str:
+    cause = getattr(exn, "cause", None) or exn
+    return "".join(traceback.format_exception_only(type(cause), cause)).strip()
+
+
+def run_units(manifest: Manifest, stage: str, units: Iterable[Unit], fingerprint: str, *,
+              total: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
+              memory: int | None = None, max_retries: int = 2,
+              retry_exceptions: list[type[BaseException]] | None = None,
+              max_in_flight: int | None = None, progress: bool = True, desc: str | None = None,
+              samples_key: str | None = None, collect: bool = False,
+              scheduling_strategy: str | None = None) -> StageReport:
     """Run the units of ``stage`` not already done (same fingerprint) as Ray tasks.
 
-    Each task returns a counts dict recorded in the manifest. Failed units are recorded with
-    their error and the stage raises StageFailed after the others finish, so a re-run only
-    redoes what is missing. Returns {unit: counts} of the units run now.
+    Each task returns a counts dict recorded in the manifest with the node it ran on. Tasks are
+    retried ``max_retries`` times when their worker or node dies, and on the exception types in
+    ``retry_exceptions``. Failed units are recorded with their error and the stage raises
+    StageFailed after the others finish, so a re-run only redoes what is missing. At most
+    ``max_in_flight`` tasks are submitted at once. Returns the stage's report; with
+    ``collect=True`` it holds each unit's counts in ``results`` (for stages of a few units).
     """
     import ray
 
-    done = manifest.done_units(stage, fingerprint)
-    todo = [u for u in units if u.name not in done]
-    if not todo:
-        return {}
-    remote = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                                       retry_exceptions=False, name=f"knn-defense:{stage}")
-    manifest.mark_running(stage, [u.name for u in todo], fingerprint)
-    pending = {remote.remote(u.fn, u.args, u.kwargs): u.name for u in todo}
-    results, failed = {}, []
+    if total is None and hasattr(units, "__len__"):
+        total = len(units)
+    max_in_flight = max(1, max_in_flight or DEFAULT_MAX_IN_FLIGHT)
+    report = StageReport(stage)
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries,
+               "retry_exceptions": list(retry_exceptions) if retry_exceptions else False,
+               "name": f"knn-defense:{stage}"}
+    if memory:
+        options["memory"] = memory
+    if scheduling_strategy:
+        options["scheduling_strategy"] = scheduling_strategy
+    remote = ray.remote(_call).options(**options)
+    manifest.start_stage(stage, fingerprint, total)
+    started = time.time()
     # A bar for stages of many units; single-task stages show their own progress inside.
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc or stage,
-               unit="unit", disable=not progress or len(units) == 1, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc or stage, unit="unit", dynamic_ncols=True,
+               disable=not progress or total == 1)
+    pending = iter(units)
+    in_flight: dict = {}  # object ref -> unit name
+    exhausted = False
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(ready[0])
-            try:
-                counts = ray.get(ready[0]) or {}
-            except Exception as exn:  # noqa: BLE001 - record every failure, keep the others going
-                cause = getattr(exn, "cause", None) or exn
-                text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-                manifest.mark_failed(stage, name, text)
-                failed.append((name, text))
-                bar.update(1)
-                continue
-            manifest.mark_done(stage, name, counts)
-            results[name] = counts
-            bar.update(1)
+        while True:
+            while not exhausted and len(in_flight) < max_in_flight:
+                chunk = list(islice(pending, max_in_flight - len(in_flight)))
+                if not chunk:
+                    exhausted = True
+                    break
+                names = [u.name for u in chunk]
+                done = manifest.done_among(stage, fingerprint, names)
+                todo = [u for u in chunk if u.name not in done]
+                report.units += len(chunk)
+                report.cached += len(chunk) - len(todo)
+                bar.update(len(chunk) - len(todo))
+                manifest.mark_running(stage, [u.name for u in todo], fingerprint)
+                for u in todo:
+                    in_flight[remote.remote(u.fn, u.args, u.kwargs)] = u.name
+                del chunk, todo  # only the refs stay alive until their results arrive
+            if not in_flight:
+                break
+            refs = list(in_flight)
+            ready, _ = ray.wait(refs, num_returns=1)
+            more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # whatever else is ready
+            finished = []
+            for ref in more or ready:  # `more` includes `ready` unless it was freed meanwhile
+                name = in_flight.pop(ref)
+                try:
+                    counts, node = ray.get(ref)
+                except Exception as exn:  # noqa: BLE001 - record every failure, keep the others going
+                    text = _error_text(exn)
+                    manifest.mark_failed(stage, name, text)
+                    report.failed += 1
+                    if len(report.failures) < _FAILURES_KEPT:
+                        report.failures.append((name, text))
+                    continue
+                counts = counts or {}
+                finished.append((name, counts, node))
+                report.done += 1
+                report.nodes[node] += 1
+                if samples_key:
+                    report.samples += int(counts.get(samples_key) or 0)
+                if isinstance(counts.get("skipped"), dict):
+                    report.skipped.update(counts["skipped"])
+                if collect:
+                    report.results[name] = counts
+            manifest.mark_done_many(stage, finished)
+            bar.update(len(more or ready))
+            if samples_key or report.failed:
+                elapsed = max(time.time() - started, 1e-9)
+                bar.set_postfix_str(
+                    (f"{report.samples} samples, {report.samples / elapsed:.0f}/s" if samples_key else "")
+                    + (f" {report.failed} failed" if report.failed else ""), refresh=False)
     finally:
         bar.close()
-    if failed:
-        first_name, first_err = failed[0]
-        raise StageFailed(f"stage {stage}: {len(failed)} of {len(todo)} unit(s) failed; first: "
-                          f"{first_name}: {first_err.splitlines()[-1]} (re-run the job to retry them)")
-    return results
+        report.seconds = time.time() - started
+        manifest.finish_stage(stage, report.as_dict())
+    if report.failed:
+        first_name, first_err = report.failures[0]
+        raise StageFailed(f"stage {stage}: {report.failed} of {report.units} unit(s) failed; "
+                          f"first: {first_name}: {first_err.splitlines()[-1]}", report)
+    return report

@@ -35,6 +35,9 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
     expected_ids, all_keys, skipped = [], [], {}
     for shard in shard_table:
         path = layout.features_file(shard["shard_index"])
+        if not path.is_file():
+            raise VerifyFailed(f"{path}: missing: shard {shard['shard_index']} ({shard['url']}) has "
+                               "no feature file (see `knn-defense status`)")
         table = pq.read_table(path, columns=["key", "id"])
         stats = read_metadata(path)["stats"]
         keys = table.column("key").to_pylist()
@@ -75,3 +78,26 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
         _check_same("store", np.fromiter(store.iter_ids(), np.int64), expected)
     return {"keys": int(expected.size), "skipped": skipped, "layers": list(layers),
             "partitions": partitions, "subset": subset_apply}
+
+
+def verify_folder(job_dir: str) -> dict:
+    """The invariant on a job folder as it is (a path, or a URL: its stages with completion
+    markers), from its recorded spec and shard table; no Ray needed."""
+    from pipeline.runtime.artifacts import load_spec
+    from pipeline.runtime.remote import local_job_dir
+
+    root = local_job_dir(job_dir, required=["shards", "features", "index", "store"])
+    spec = load_spec(root)
+    layout = JobLayout(root)
+    if not layout.shards_table.is_file():
+        raise VerifyFailed(f"{layout.shards_table}: missing: the shards stage never finished")
+    shards = pq.read_table(layout.shards_table).to_pylist()
+    subset = spec.subset
+    manifest = str(layout.subset_manifest) if subset is not None else None
+    if manifest is not None and not layout.subset_manifest.is_file():
+        raise VerifyFailed(f"{manifest}: missing: the subset stage never finished")
+    try:
+        return verify_job(str(root), shards, spec.features.layers, spec.store.partitions,
+                          manifest, subset.apply if subset else None)
+    except FileNotFoundError as err:  # an index or store part that was never written
+        raise VerifyFailed(f"missing output: {err}") from None
