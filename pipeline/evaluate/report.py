@@ -268,21 +268,28 @@ def write_plots(out: Path, rows: list[dict], ev) -> list[str]:
         axes[0][0].legend(fontsize=7)
         save(fig, "acc_vs_budget.png")
 
-    if len(ev.all_ks) > 1 and layers:
-        conds = [c for c in ("clean", "PGD gray") if any(title_of(r) == c for r in primary)]
+    def per_layer_panels(conds, pick, x_key, xlabel, title, name):
+        """One panel per condition: accuracy (95% CI) against ``x_key`` on a log axis, a line
+        per layer; ``pick(cond, layer)`` selects the rows."""
         fig, axes = plt.subplots(1, len(conds), figsize=(4.5 * len(conds), 3.8), squeeze=False)
         for ax, c in zip(axes[0], conds, strict=True):
             for layer in layers:
-                sel = sorted([r for r in primary if title_of(r) == c and r["layer"] == layer
-                              and r["weighting"] == rule and r["budget"] in (0.0, budget)],
-                             key=lambda r: r["k"])
+                sel = sorted(pick(c, layer), key=lambda r: r[x_key])
                 acc, err = _err(sel)
-                ax.errorbar([r["k"] for r in sel], acc, yerr=err, marker="o", capsize=2, label=layer)
+                ax.errorbar([r[x_key] for r in sel], acc, yerr=err, marker="o", capsize=2, label=layer)
             ax.set_xscale("log")
-            ax.set(xlabel="K (neighbours)", ylabel="top-1 accuracy", ylim=(0, 1),
-                   title=f"{c}{'' if c == 'clean' else f' {budget:g}'} ({WEIGHTING_NAMES[rule]})")
+            ax.set(xlabel=xlabel, ylabel="top-1 accuracy", ylim=(0, 1), title=title(c))
         axes[0][0].legend(fontsize=7)
-        save(fig, "acc_vs_k.png")
+        save(fig, name)
+
+    if len(ev.all_ks) > 1 and layers:
+        per_layer_panels(
+            [c for c in ("clean", "PGD gray") if any(title_of(r) == c for r in primary)],
+            lambda c, layer: [r for r in primary if title_of(r) == c and r["layer"] == layer
+                              and r["weighting"] == rule and r["budget"] in (0.0, budget)],
+            "k", "K (neighbours)",
+            lambda c: f"{c}{'' if c == 'clean' else f' {budget:g}'} ({WEIGHTING_NAMES[rule]})",
+            "acc_vs_k.png")
 
     if len(layers) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -295,21 +302,13 @@ def write_plots(out: Path, rows: list[dict], ev) -> list[str]:
         save(fig, "acc_vs_layer.png")
 
     if len(databases) > 1 and layers:
-        conds = [c for c in cols if c == "clean" or c == "PGD gray" or c == "worst-case"]
-        fig, axes = plt.subplots(1, len(conds), figsize=(4.5 * len(conds), 3.8), squeeze=False)
-        for ax, c in zip(axes[0], conds, strict=True):
-            for layer in layers:
-                sel = sorted([r for r in rows if title_of(r) == c and r["layer"] == layer
+        per_layer_panels(
+            [c for c in cols if c in ("clean", "PGD gray", "worst-case")],
+            lambda c, layer: [r for r in rows if title_of(r) == c and r["layer"] == layer
                               and r["weighting"] == rule and r["k"] == ev.k
                               and r["budget"] in (0.0, budget) and not r["target_layer"]],
-                             key=lambda r: r["db_size"])
-                acc, err = _err(sel)
-                ax.errorbar([r["db_size"] for r in sel], acc, yerr=err, marker="o", capsize=2, label=layer)
-            ax.set_xscale("log")
-            ax.set(xlabel="database size N (images)", ylabel="top-1 accuracy", ylim=(0, 1),
-                   title=f"{c} ({WEIGHTING_NAMES[rule]}, K={ev.k})")
-        axes[0][0].legend(fontsize=7)
-        save(fig, "acc_vs_dbsize.png")
+            "db_size", "database size N (images)",
+            lambda c: f"{c} ({WEIGHTING_NAMES[rule]}, K={ev.k})", "acc_vs_dbsize.png")
 
     white = [c for c in cols if c.endswith(" white")]
     if white and layers:
