@@ -112,13 +112,17 @@ def _markdown(claims: dict, budget: float) -> str:
             detail = (f"ordered in {c['ordered_cells']}/{c['cells']} (condition, layer) cells; "
                       f"mean CBW-D - UW {c['mean_cbwd_minus_uw']:+.3f}")
         elif name == "C3":
-            detail = "; ".join(f"{k}: {v['slope_per_decade']:+.3f}/decade (R² {v['r2']:.2f})"
+            ok = sum(v["slope_per_decade"] > 0 and v["r2"] >= 0.8 for v in c["fits"].values())
+            detail = f"log-linear growth (slope > 0, R² >= 0.8) in {ok}/{len(c['fits'])} fits: " + "; ".join(f"{k}: {v['slope_per_decade']:+.3f}/decade (R² {v['r2']:.2f})"
                                for k, v in c["fits"].items())
         elif name == "C4":
-            detail = "; ".join(f"{t} {layer}: {d[t]:.3f} vs PGD {d['pgd_gray']:.3f}"
+            counts = ", ".join(f"{t} below PGD in {sum(d[t] < d['pgd_gray'] for d in v.values())}/{len(v)} layers"
+                               for t, v in c["by_attack"].items())
+            detail = counts + ": " + "; ".join(f"{t} {layer}: {d[t]:.3f} vs PGD {d['pgd_gray']:.3f}"
                                for t, v in c["by_attack"].items() for layer, d in v.items())
         elif name == "C5":
-            detail = "; ".join(f"{name}: black {p['black']:.3f} vs gray {p['gray']:.3f}"
+            ok = sum(p["black"] > p["gray"] for p in c["pairs"].values())
+            detail = f"black-box accuracy higher in {ok}/{len(c['pairs'])} pairs: " + "; ".join(f"{name}: black {p['black']:.3f} vs gray {p['gray']:.3f}"
                                for name, p in c["pairs"].items())
         lines.append(f"- **{name}** {c['claim']}: **{verdict}** — {detail}")
     return "\n".join(lines) + "\n"

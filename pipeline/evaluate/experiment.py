@@ -373,9 +373,10 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
             preds_by_cond[label] = preds
             rows.extend(cell_rows(db_fields, {**cond, "attacks_in_worst_case": ""}, db_defenses,
                                   preds, labels))
-        by_budget: dict[float, list[np.ndarray]] = {}
-        for s in set_stats:
-            by_budget.setdefault(s["budget"], []).append(preds_by_cond[s["condition"]])
+        # A perturbation within a smaller budget is within every larger one too, so the worst
+        # case at budget b is over every set of budget <= b (and never rises with b).
+        by_budget = {b: [preds_by_cond[s["condition"]] for s in set_stats if s["budget"] <= b]
+                     for b in sorted({s["budget"] for s in set_stats})}
         rows.extend(worst_case_rows(db_fields, preds_by_cond["clean"], by_budget, db_defenses, labels))
     return {"rows": rows, "attacks": set_stats, "sets_crafted": crafted, "cells_evaluated": evaluated,
             "num_queries": len(x)}

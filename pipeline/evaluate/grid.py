@@ -77,7 +77,8 @@ def cell_rows(database: dict, condition: dict, defenses: list[tuple], preds: np.
 def worst_case_rows(database: dict, clean: np.ndarray, attacked: dict[float, list[np.ndarray]],
                     defenses: list[tuple], labels: np.ndarray) -> list[dict]:
     """Robust accuracy per budget as AutoAttack counts it: an image is robust for a defense only
-    if it is right on the clean image and under every attack set of that budget."""
+    if it is right on the clean image and under every attack set in ``attacked[budget]`` (the
+    caller passes every set of that budget or a smaller one)."""
     rows = []
     for budget, pred_sets in sorted(attacked.items()):
         robust = clean == labels[None]

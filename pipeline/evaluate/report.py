@@ -138,7 +138,7 @@ def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str) -> st
         parts += [database_table(rows, ev, budget), ""]
     parts.append(f"Accuracy on {n} query images (K = {ev.k} unless stated), ± half-width of the "
                  "95% Wilson interval. Worst case: an image counts only if it is right when clean "
-                 "and under every attack of that budget.")
+                 "and under every attack of that budget or a smaller one.")
     parts += ["", "Attacks (checked after crafting):", *attack_notes(attacks)]
     return "\n".join(parts) + "\n"
 
