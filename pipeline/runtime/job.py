@@ -365,7 +365,7 @@ def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, in
         n = sum(c.get("written", 0) for _, c in run.manifest.unit_counts("features", run.state["features_fp"]))
     stack = load_stack(layout.transform_dir(layer))
     choice = choose_index(n, stack.dim, int(spec.index.memory_budget_gb * 2**30), stack.binary)
-    train = max(spec.index.train_sample, 64 * choice.nlist) if choice.nlist else spec.index.train_sample
+    train = choice.train_size(spec.index.train_sample)
     write_json(layout.index_dir(layer) / "choice.json",
                {**choice.as_dict(), "n": n, "dim": stack.dim, "binary": stack.binary,
                 "memory_budget_gb": spec.index.memory_budget_gb, "train_sample": train})
