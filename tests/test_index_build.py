@@ -129,7 +129,7 @@ def test_ondisk_merge_is_refused_for_a_flat_factory():
 
 # PCA: a pre-transform in front of the IVF (as OPQ is in the auto choice at scale)
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16_HNSW32,SQ8", "PCA8,IVF16,SQ8"])
-def test_ondisk_merge_searches_like_the_in_memory_merge(tmp_path, factory):
+def test_ondisk_merge_searches_like_the_in_memory_merge(tmp_path, factory, capfd):
     x = _clustered(3000, clusters=40, seed=1)
     trained, parts, ids = _parts(tmp_path / "build", x, factory)
     merge_parts(trained, parts, tmp_path / "mem.faiss")
@@ -137,7 +137,9 @@ def test_ondisk_merge_searches_like_the_in_memory_merge(tmp_path, factory):
     assert ivfdata_path(tmp_path / "job" / "disk.faiss").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["disk.faiss", "disk.ivfdata"]
     shutil.move(tmp_path / "job", tmp_path / "moved")  # lists are found beside the index file
+    capfd.readouterr()
     memory, disk = load_index(tmp_path / "mem.faiss"), load_index(tmp_path / "moved" / "disk.faiss")
+    assert capfd.readouterr().out == ""  # FAISS's note on the moved lists stays off stdout
     assert disk.ntotal == memory.ntotal == 3000
     assert np.array_equal(np.sort(all_ids(disk)), np.sort(ids))
     queries = _clustered(50, clusters=40, seed=2)
@@ -272,16 +274,16 @@ def test_index_steps_one_by_one_from_the_cli(featured, tmp_path):
     _, got = search(built, queries, 15, 8)
     assert np.array_equal(np.sort(got, 1), np.sort(ids[truth], 1))
 
-    result = runner.invoke(main, ["index", "info", "--job", str(layout.root)])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    def json_lines(result):  # (Ray's log monitor may print worker lines into stdout too)
+        assert result.exit_code == 0, result.output
+        return [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+
+    (out,) = json_lines(runner.invoke(main, ["index", "info", "--job", str(layout.root)]))
     assert out["merge"] == "ondisk" and out["ntotal"] == 180
     assert out["files_bytes"] >= (layer_dir / "index.ivfdata").stat().st_size
     np.save(tmp_path / "q.npy", vectors[[0, 100]])
-    result = runner.invoke(main, ["index", "search", "--job", str(layout.root), "--layer",
-                                  "conv_4_2", "-k", "2", str(tmp_path / "q.npy")])
-    assert result.exit_code == 0, result.output
-    hits = [json.loads(line) for line in result.output.splitlines()]
+    hits = json_lines(runner.invoke(main, ["index", "search", "--job", str(layout.root),
+                                           "--layer", "conv_4_2", "-k", "2", str(tmp_path / "q.npy")]))
     assert [h["ids"][0] for h in hits] == ids[[0, 100]].tolist()
     assert [h["keys"][0] for h in hits] == ["00000000000", "00001000040"]
 

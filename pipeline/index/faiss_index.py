@@ -8,7 +8,10 @@ concatenates the parts' inverted lists in memory, or into one on-disk ``.ivfdata
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 import faiss
@@ -252,12 +255,30 @@ def _is_binary(index) -> bool:
     return index.binary if isinstance(index, ShardedIndex) else isinstance(index, faiss.IndexBinary)
 
 
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """FAISS notes where it finds on-disk lists with a C printf on stdout, which carries the
+    CLI's results: send C-level stdout to stderr meanwhile (flushing C buffers both ways)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Index:
     """An index for searching; on-disk inverted lists are mapped read-only from the index
-    file's folder."""
+    file's folder (so a job folder can move)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: index not found; run the index stage")
-    index = read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    with _c_stdout_to_stderr():
+        index = read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     set_nprobe(index, nprobe)
     return index
 
