@@ -46,6 +46,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -289,6 +290,8 @@ def run_child(python: str, tool: str, work: Path, budget_bytes: int, n: int | No
         raise SystemExit(f"{tool} child failed (exit {proc.returncode}); see {out / 'log.txt'}")
     result = json.loads((out / "result.json").read_text())
     result["process_s"] = time.perf_counter() - t
+    shutil.rmtree(out / "index", ignore_errors=True)  # keep the log, result and found ids only
+    (out / "knn.index").unlink(missing_ok=True)
     result["found_path"] = str(out / "found.npy")
     return result
 
