@@ -147,6 +147,8 @@ def test_ondisk_merge_searches_like_the_in_memory_merge(tmp_path, factory, capfd
         d_mem, i_mem = search(memory, queries, 10, nprobe)
         d_disk, i_disk = search(disk, queries, 10, nprobe)
         assert np.array_equal(d_mem, d_disk) and np.array_equal(i_mem, i_disk), nprobe
+    merge_parts(trained, parts, tmp_path / "moved" / "disk.faiss")  # back to memory
+    assert not ivfdata_path(tmp_path / "moved" / "disk.faiss").exists()  # no stale lists
 
 
 @pytest.mark.parametrize("factory, nprobe", [("Flat", None), ("IVF16,Flat", 16)])

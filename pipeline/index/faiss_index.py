@@ -196,6 +196,7 @@ def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str
         else:
             merged.merge_from(part, 0)
     write_index(merged, out_path)
+    ivfdata_path(out_path).unlink(missing_ok=True)  # left by an earlier on-disk merge
     return merged.ntotal
 
 
@@ -213,7 +214,8 @@ def _merge_ondisk(trained_path, part_paths: list, out_path) -> int:
     merge_ondisk(merged, [str(p) for p in part_paths], str(tmp_data))
     # Record the final name; load_index reads it from the index file's own folder
     # (IO_FLAG_ONDISK_SAME_DIR), so the job folder can move. The index file goes last: it is
-    # the completion marker.
+    # the completion marker (re-merging under a searcher that opens the index between the two
+    # renames would pair old offsets with new lists: re-merge while nothing serves).
     faiss.downcast_InvertedLists(_ivf(merged).invlists).filename = str(data.resolve())
     tmp_index = out_path.with_name(out_path.name + ".tmp")
     faiss.write_index(merged, str(tmp_index))
