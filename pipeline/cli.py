@@ -256,14 +256,41 @@ def logs(job_id, address, follow):
 
 @main.group("index")
 def index_group():
-    """FAISS indexes of a job: build (the index stage), inspect, search."""
+    """FAISS indexes of a job: train, populate, merge (or build: all three), inspect, search.
+
+    Each step runs what it needs before it that is not done yet, like `run --until`, and
+    skips what the manifest records as done, so steps can be run (and re-run) one by one."""
+
+
+_INDEX_STEP_HELP = {
+    "train": "Run a job up to training its indexes: one task per layer, on a sample of the "
+             "feature shards (k-means on GPUs when faiss-gpu finds one).",
+    "populate": "Run a job up to populating its indexes: one task per (layer, shard) adds the "
+                "shard's vectors and ids to a copy of the trained index (retried, resumable).",
+    "merge": "Run a job up to merging its index parts: one index per layer or one shard per "
+             "store partition, in memory or on disk (index.merge); tunes nprobe when asked.",
+}
+
+
+def _index_step_command(step: str):
+    @job_options
+    @_one_line_errors
+    def command(job_yaml, address, num_cpus, sets, no_progress):
+        _run(job_yaml, address, num_cpus, sets, no_progress, f"index.{step}")
+
+    command.__doc__ = _INDEX_STEP_HELP[step]
+    return index_group.command(name=step)(command)
+
+
+for _step in _INDEX_STEP_HELP:
+    _index_step_command(_step)
 
 
 @index_group.command("build")
 @job_options
 @_one_line_errors
 def index_build(job_yaml, address, num_cpus, sets, no_progress):
-    """Run a job up to its index stage: train on a sample, populate per shard, merge or shard."""
+    """Run a job up to its index stage: train, populate and merge."""
     _run(job_yaml, address, num_cpus, sets, no_progress, "index")
 
 
@@ -281,9 +308,9 @@ def index_info(job_dir):
     for layer in load_spec(job_dir).features.layers:
         info = read_json(layout.index_info(layer), "run the index stage")
         choice_path = layout.index_dir(layer) / "choice.json"
-        files = sorted(layout.index_dir(layer).glob("*.faiss"))
-        out = {"layer": layer, **{k: info.get(k) for k in ("factory", "layout", "shards", "ntotal",
-                                                           "nprobe")},
+        files = [*layout.index_dir(layer).glob("*.faiss"), *layout.index_dir(layer).glob("*.ivfdata")]
+        out = {"layer": layer, **{k: info.get(k) for k in ("factory", "layout", "merge", "shards",
+                                                           "ntotal", "nprobe")},
                "recall": (info.get("recall") or {}).get("recall"),
                "files_bytes": sum(f.stat().st_size for f in files if f.name != "trained.faiss")}
         if choice_path.is_file():

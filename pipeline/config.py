@@ -167,6 +167,19 @@ class IndexSpec(_Strict):
     # merged: one index per layer; sharded: one per store partition (same partition(id)), searched
     # together (IndexShards) or by co-located Ray actors that also own the store partition.
     layout: Literal["merged", "sharded"] = "merged"
+    # memory: the merged index (or each shard) holds its inverted lists in RAM; ondisk: they are
+    # merged into an .ivfdata file beside it (faiss merge_ondisk) and memory-mapped when
+    # searched, so neither the merge nor a searcher needs RAM for them. IVF factories only
+    # (with factory: auto, an exact Flat choice stays in memory).
+    merge: Literal["memory", "ondisk"] = "memory"
+
+    @model_validator(mode="after")
+    def _ondisk_needs_ivf(self):
+        if self.merge == "ondisk" and self.factory != "auto" and (
+                self.factory.startswith("B") or "IVF" not in self.factory):
+            raise ValueError(f"index.merge ondisk needs a float IVF factory (e.g. IVF4096,Flat), "
+                             f"got {self.factory!r}: use merge: memory")
+        return self
 
 
 class StoreSpec(_Strict):

@@ -60,6 +60,10 @@ def expand_shards(spec: str | list[str], missing: list[str] | None = None) -> li
     return urls
 
 
+class NoDecodableImage(ValueError):
+    """Every sample of the shards read was skipped (e.g. all images corrupt)."""
+
+
 @dataclass
 class ShardStats:
     """What happened to every sample of one shard."""
@@ -339,5 +343,5 @@ def load_images(urls: list[str], channels: int, size: int | None = None,
         if limit is not None and len(keys) >= limit:
             break
     if not images:
-        raise ValueError(f"no decodable image in {len(urls)} shard(s)")
+        raise NoDecodableImage(f"no decodable image in {len(urls)} shard(s)")
     return keys, np.stack(images), np.asarray(labels, dtype=np.int64), dict(skipped)

@@ -19,6 +19,7 @@ import numpy as np
 
 ID_BYTES = 8
 HNSW_M = 32
+TRAIN_PER_LIST = 64  # k-means wants 30-256 points per centroid
 
 
 @dataclass
@@ -31,6 +32,10 @@ class IndexChoice:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def train_size(self, at_least: int) -> int:
+        """Training vectors: ``at_least``, raised to TRAIN_PER_LIST per inverted list."""
+        return max(at_least, TRAIN_PER_LIST * self.nlist)
 
 
 def choose_nlist(n: int) -> int:

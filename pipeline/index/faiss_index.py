@@ -1,16 +1,27 @@
 """FAISS index per layer: train once on a sample, populate one part per feature shard, merge.
 
 Parts are empty copies of the trained index filled with one shard's vectors and their
-invertible ids (pipeline.ids), so populating is embarrassingly parallel and retryable.
+invertible ids (pipeline.ids), so populating is embarrassingly parallel and retryable. Merging
+concatenates the parts' inverted lists in memory, or into one on-disk ``.ivfdata`` file
+(faiss.contrib.ondisk) that is memory-mapped at search time, for indexes larger than RAM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from pipeline.ids import split_ids
+
+
+class IndexInputError(ValueError):
+    """Vectors or ids an index step cannot take; one line naming the file and what to do."""
 
 
 def num_gpus() -> int:
@@ -24,13 +35,14 @@ def is_binary_factory(factory: str) -> bool:
 
 
 def new_index(dim: int, factory: str):
-    """An index from a factory string (``dim`` in bits for binary ones); flat indexes get an id
-    map so they keep our ids."""
+    """An index from a factory string (``dim`` in bits for binary ones); indexes without
+    inverted lists get an id map so they keep our ids. IVF ones (also behind an OPQ/PCA
+    pre-transform) store the ids in their lists: an id map there would hide them from merges."""
     if is_binary_factory(factory):
         index = faiss.index_binary_factory(dim, factory)
         return index if isinstance(index, faiss.IndexBinaryIVF) else faiss.IndexBinaryIDMap2(index)
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
-    if not isinstance(index, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap):
+    if not _has_ivf(index) and not isinstance(index, faiss.IndexIDMap):
         index = faiss.IndexIDMap2(index)
     return index
 
@@ -92,31 +104,88 @@ def write_index(index, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def read_index(path: str | os.PathLike):
-    """A float or binary index file."""
+def read_index(path: str | os.PathLike, io_flags: int = 0):
+    """A float or binary index file (``io_flags``: FAISS IO_FLAG_*, float indexes only)."""
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), io_flags)
     except RuntimeError:
         return faiss.read_index_binary(str(path))
 
 
+def _describe_id(i: int) -> str:
+    shard, row = split_ids(np.int64(i))
+    return f"id {i} = shard {int(shard)} row {int(row)}"
+
+
 def populate_part(trained_path: str | os.PathLike, vectors: np.ndarray, ids: np.ndarray,
-                  out_path: str | os.PathLike) -> int:
-    """Add one shard's vectors with their ids to an empty copy of the trained index."""
+                  out_path: str | os.PathLike, source: str = "vectors") -> int:
+    """Add one shard's vectors with their ids to an empty copy of the trained index. An empty
+    shard (every image corrupt, or none in the subset) gives an empty part. ``source`` names
+    the vectors' file in errors."""
     index = read_index(trained_path)
     if index.ntotal:
-        raise ValueError(f"{trained_path}: trained index is not empty ({index.ntotal} vectors)")
-    vectors = _as_vectors(vectors, isinstance(index, faiss.IndexBinary))
-    width = vectors.shape[1] * (8 if isinstance(index, faiss.IndexBinary) else 1)
-    if len(vectors) and width != index.d:
-        raise ValueError(f"{trained_path}: index dimension {index.d}, vectors have {width}")
-    index.add_with_ids(vectors, np.ascontiguousarray(ids, np.int64))
+        raise IndexInputError(f"{trained_path}: trained index is not empty ({index.ntotal} "
+                              "vectors): re-run the index train step")
+    binary = isinstance(index, faiss.IndexBinary)
+    vectors = _as_vectors(vectors, binary)
+    ids = np.ascontiguousarray(ids, np.int64)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise IndexInputError(f"{source}: expected [N, d] vectors and N ids, got {vectors.shape} "
+                              f"and {ids.shape}")
+    width = vectors.shape[1] * (8 if binary else 1)
+    if width != index.d:
+        raise IndexInputError(
+            f"{source}: {width}-{'bit' if binary else 'd'} vectors but {trained_path} was trained "
+            f"on {index.d}: the features changed since the index was trained; re-run the index "
+            "train step (knn-defense index train JOB) or re-extract this shard")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise IndexInputError(f"{source}: {int((counts > 1).sum())} ids repeat (e.g. "
+                              f"{_describe_id(unique[counts > 1][0])}): re-extract this shard")
+    index.add_with_ids(vectors, ids)
     write_index(index, out_path)
     return index.ntotal
 
 
-def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str | os.PathLike) -> int:
-    """Merge populated parts into one index (IVF: inverted lists are concatenated)."""
+def check_disjoint_ids(part_paths: list) -> None:
+    """Raise IndexInputError when two parts hold the same id. Parts whose [min, max] id ranges
+    do not overlap cannot share one (with shard-derived ids that is every pair), so only
+    overlapping pairs are compared id by id; memory stays at two parts' ids."""
+    ranges = []
+    for path in part_paths:
+        ids = _part_ids(path)
+        if len(ids):
+            ranges.append((int(ids.min()), int(ids.max()), str(path)))
+    ranges.sort()
+    for j, (_, hi, path) in enumerate(ranges):
+        for lo2, _, path2 in ranges[j + 1:]:
+            if lo2 > hi:
+                break
+            shared = np.intersect1d(_part_ids(path), _part_ids(path2))
+            if len(shared):
+                raise IndexInputError(
+                    f"index parts {path} and {path2} share {len(shared)} ids (e.g. "
+                    f"{_describe_id(shared[0])}): a feature shard holds another shard's ids; "
+                    "re-extract the wrong shard and re-run the index populate step")
+
+
+def _part_ids(path) -> np.ndarray:
+    return all_ids(read_index(path, faiss.IO_FLAG_MMAP))  # mapped: only the ids are read
+
+
+def ivfdata_path(index_path: str | os.PathLike) -> Path:
+    """Where an on-disk merged index keeps its inverted lists: beside the index file."""
+    return Path(index_path).with_suffix(".ivfdata")
+
+
+def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str | os.PathLike,
+                ondisk: bool = False) -> int:
+    """Merge populated parts into one index after checking that no id is in two parts. In
+    memory: IVF inverted lists are concatenated (flat parts re-added). ``ondisk``: the lists go
+    into ``<out>.ivfdata`` (faiss ``merge_ondisk``), so the merge never holds them in RAM."""
+    check_disjoint_ids(part_paths)
+    if ondisk:
+        return _merge_ondisk(trained_path, part_paths, out_path)
     merged = read_index(trained_path)
     for path in part_paths:
         part = read_index(path)
@@ -127,6 +196,31 @@ def merge_parts(trained_path: str | os.PathLike, part_paths: list, out_path: str
         else:
             merged.merge_from(part, 0)
     write_index(merged, out_path)
+    ivfdata_path(out_path).unlink(missing_ok=True)  # left by an earlier on-disk merge
+    return merged.ntotal
+
+
+def _merge_ondisk(trained_path, part_paths: list, out_path) -> int:
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merged = read_index(trained_path)
+    if isinstance(merged, faiss.IndexBinary) or not _has_ivf(merged):
+        raise IndexInputError(f"{trained_path}: on-disk merging needs a float IVF index: set "
+                              "index.merge: memory or an IVF index.factory")
+    out_path, data = Path(out_path), ivfdata_path(out_path)
+    tmp_data = data.with_name(data.name + ".tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_data.unlink(missing_ok=True)  # left by a killed attempt
+    merge_ondisk(merged, [str(p) for p in part_paths], str(tmp_data))
+    # Record the final name; load_index reads it from the index file's own folder
+    # (IO_FLAG_ONDISK_SAME_DIR), so the job folder can move. The index file goes last: it is
+    # the completion marker (re-merging under a searcher that opens the index between the two
+    # renames would pair old offsets with new lists: re-merge while nothing serves).
+    faiss.downcast_InvertedLists(_ivf(merged).invlists).filename = str(data.resolve())
+    tmp_index = out_path.with_name(out_path.name + ".tmp")
+    faiss.write_index(merged, str(tmp_index))
+    os.replace(tmp_data, data)
+    os.replace(tmp_index, out_path)
     return merged.ntotal
 
 
@@ -163,10 +257,30 @@ def _is_binary(index) -> bool:
     return index.binary if isinstance(index, ShardedIndex) else isinstance(index, faiss.IndexBinary)
 
 
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """FAISS notes where it finds on-disk lists with a C printf on stdout, which carries the
+    CLI's results: send C-level stdout to stderr meanwhile (flushing C buffers both ways)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Index:
+    """An index for searching; on-disk inverted lists are mapped read-only from the index
+    file's folder (so a job folder can move)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: index not found; run the index stage")
-    index = read_index(path)
+    with _c_stdout_to_stderr():
+        index = read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     set_nprobe(index, nprobe)
     return index
 

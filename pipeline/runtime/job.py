@@ -306,58 +306,116 @@ def stage_features(run: JobRun) -> None:
     run.state["features_fp"] = fp
 
 
-def stage_index(run: JobRun) -> None:
+INDEX_STEPS = ["train", "populate", "merge"]
+
+
+@dataclass
+class LayerIndexPlan:
+    """What the index steps of one layer need; every step derives it the same way."""
+
+    factory: str
+    train_size: int
+    train_fp: str  # the trained index and the parts depend on this alone
+    merge_fp: str  # ... and the merged index / shards also on the layout, merge mode and nprobe
+
+
+def index_plans(run: JobRun) -> dict[str, LayerIndexPlan]:
+    spec, ix = run.spec, run.spec.index
+    subset = _subset_for(run, "index")
+    plans = {}
+    for layer in spec.features.layers:
+        factory, train_size = _index_factory(run, layer, subset)
+        train_fp = fingerprint(run.state["features_fp"], layer, factory, train_size, spec.seed,
+                               run.state["subset_fp"] if subset else None)
+        tuned = ix.factory == "auto" or ix.nprobe == "auto"
+        merge_fp = fingerprint(train_fp, ix.layout, ix.merge, ix.nprobe, ix.target_recall,
+                               spec.store.partitions if ix.layout == "sharded" else None,
+                               spec.evaluate.k if tuned else None)
+        plans[layer] = LayerIndexPlan(factory, train_size, train_fp, merge_fp)
+    return plans
+
+
+def index_train(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
+    """One task per layer: train on a sample spread over the feature shards."""
+    layout = run.layout
+    files = [str(layout.features_file(s["shard_index"])) for s in run.state["shards"]]
+    for layer, plan in plans.items():
+        run.single(f"index.train.{layer}", tasks.train_index_task, plan.train_fp, layer, files,
+                   plan.factory, plan.train_size, run.spec.seed,
+                   str(layout.trained_index(layer)), str(layout.root))
+
+
+def index_populate(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
+    """One task per (layer, shard), each writing one part atomically; retried, resumable."""
+    layout = run.layout
+    subset = _subset_for(run, "index")
+    units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
+                  (layer, str(layout.trained_index(layer)),
+                   str(layout.features_file(s["shard_index"])),
+                   str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset,
+                   s["shard_index"]))
+             for layer in plans for s in run.state["shards"]]
+    # One run over every layer's units keeps all workers busy; its fingerprint combines the
+    # layers' (each unit names its layer).
+    run.run("index.populate", units, fingerprint({k: p.train_fp for k, p in plans.items()}),
+            desc="index populate", samples_key="added")
+
+
+def index_merge(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
+    """Per layer: merge the parts into one index or into one shard per store partition (in
+    memory or on disk), tune nprobe when asked, and write index.json."""
     spec, layout = run.spec, run.layout
     shards = run.state["shards"]
+    num_parts = spec.store.partitions
+    if spec.index.layout == "merged":
+        groups = {None: [s["shard_index"] for s in shards]}
+    else:  # one index shard per store partition: co-locatable with it
+        groups = {p: [s["shard_index"] for s in shards
+                      if partition_of_shard(s["shard_index"], num_parts) == p]
+                  for p in range(num_parts)}
     files = [str(layout.features_file(s["shard_index"])) for s in shards]
     subset = _subset_for(run, "index")
-    fps = {layer: fingerprint(run.state["features_fp"], spec.index.model_dump(), layer,
-                              run.state["subset_fp"] if subset else None)
-           for layer in spec.features.layers}
-    factories, train_sizes = {}, {}
-    for layer in spec.features.layers:
-        factories[layer], train_sizes[layer] = _index_factory(run, layer, subset)
-        run.single(f"index.train.{layer}", tasks.train_index_task, fps[layer], layer, files,
-                   factories[layer], train_sizes[layer], spec.seed,
-                   str(layout.trained_index(layer)), str(layout.root))
-    units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
-                  (layer, str(layout.trained_index(layer)), files[j],
-                   str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset))
-             for layer in spec.features.layers for j, s in enumerate(shards)]
-    # One fingerprint per stage: combine the layers' ones (each unit names its layer).
-    run.run("index.populate", units, fingerprint(fps), desc="index populate", samples_key="added")
-    num_parts = spec.store.partitions
-    for layer in spec.features.layers:
-        if spec.index.layout == "merged":
-            groups = {None: [s["shard_index"] for s in shards]}
-        else:  # one index shard per store partition: co-locatable with it
-            groups = {p: [s["shard_index"] for s in shards
-                          if partition_of_shard(s["shard_index"], num_parts) == p]
-                      for p in range(num_parts)}
+    for layer, plan in plans.items():
+        fp = plan.merge_fp
+        # factory: auto may pick an exact Flat index, which has no inverted lists to put on disk
+        ondisk = spec.index.merge == "ondisk" and "IVF" in plan.factory \
+            and not plan.factory.startswith("B")
         units = [Unit(f"{layer}/{'merged' if p is None else f'shard-{p:03d}'}", tasks.merge_task,
                       (str(layout.trained_index(layer)),
                        [str(layout.index_part(layer, i)) for i in members],
-                       str(layout.merged_index(layer) if p is None else layout.index_shard(layer, p))))
+                       str(layout.merged_index(layer) if p is None else layout.index_shard(layer, p)),
+                       ondisk))
                  for p, members in groups.items()]
-        merged = run.run(f"index.merge.{layer}", units, fps[layer], desc=f"index merge {layer}",
+        merged = run.run(f"index.merge.{layer}", units, fp, desc=f"index merge {layer}",
                          samples_key="ntotal")
         if merged.ran or not layout.index_info(layer).is_file():
-            counts = dict(run.manifest.unit_counts(f"index.merge.{layer}", fps[layer]))
+            counts = dict(run.manifest.unit_counts(f"index.merge.{layer}", fp))
             fixed_nprobe = None if spec.index.nprobe == "auto" else spec.index.nprobe
             write_json(layout.index_info(layer), {
-                "factory": factories[layer], "nprobe": fixed_nprobe or 1,
+                "factory": plan.factory, "nprobe": fixed_nprobe or 1,
                 "layout": spec.index.layout, "shards": None if None in groups else num_parts,
+                "merge": "ondisk" if ondisk else "memory",
                 "ntotal": sum(c["ntotal"] for c in counts.values()),
                 "transform_sha256": run.state["transform_sha256"][layer],
-                "weights_sha256": run.state["weights_sha256"], "fingerprint": fps[layer]})
+                "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
             if spec.index.factory == "auto" or spec.index.nprobe == "auto":
-                tuned = run.single(f"index.tune.{layer}", tasks.tune_task, fps[layer],
+                tuned = run.single(f"index.tune.{layer}", tasks.tune_task, fp,
                                    str(layout.root), layer, files, spec.evaluate.k,
                                    spec.index.target_recall, subset)
                 info = read_json(layout.index_info(layer))
                 info["recall"] = {k: tuned[k] for k in ("recall", "curve", "queries", "k")}
                 info["nprobe"] = fixed_nprobe or tuned["nprobe"] or tuned["curve"][-1]["nprobe"] or 1
                 write_json(layout.index_info(layer), info)
+
+
+INDEX_STEP_FUNCS = {"train": index_train, "populate": index_populate, "merge": index_merge}
+
+
+def stage_index(run: JobRun, until_step: str = "merge") -> None:
+    """train -> populate -> merge (``until_step`` stops earlier: the CLI's index steps)."""
+    plans = index_plans(run)
+    for step in INDEX_STEPS[: INDEX_STEPS.index(until_step) + 1]:
+        INDEX_STEP_FUNCS[step](run, plans)
 
 
 def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, int]:
@@ -375,7 +433,7 @@ def _index_factory(run: JobRun, layer: str, subset: str | None) -> tuple[str, in
         n = sum(c.get("written", 0) for _, c in run.manifest.unit_counts("features", run.state["features_fp"]))
     stack = load_stack(layout.transform_dir(layer))
     choice = choose_index(n, stack.dim, int(spec.index.memory_budget_gb * 2**30), stack.binary)
-    train = max(spec.index.train_sample, 64 * choice.nlist) if choice.nlist else spec.index.train_sample
+    train = choice.train_size(spec.index.train_sample)
     write_json(layout.index_dir(layer) / "choice.json",
                {**choice.as_dict(), "n": n, "dim": stack.dim, "binary": stack.binary,
                 "memory_budget_gb": spec.index.memory_budget_gb, "train_sample": train})
@@ -471,16 +529,19 @@ def _remote_for(spec: JobSpec):
 def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = None,
             num_cpus: int | None = None, progress: bool | None = None,
             announce: bool | None = None) -> dict:
-    """Run a validated job up to and including stage ``until`` (default: all stages), like make:
-    units already done with the same fingerprint are not run again. Returns the summary written
-    to ``summary.json``; raises JobFailed (after writing it) when units of a stage failed: the
-    stage's other units finish, later stages do not start.
+    """Run a validated job up to and including stage ``until`` (default: all stages; or
+    ``index.train`` / ``index.populate`` / ``index.merge``: up to that step of the index stage),
+    like make: units already done with the same fingerprint are not run again. Returns the
+    summary written to ``summary.json``; raises JobFailed (after writing it) when units of a
+    stage failed: the stage's other units finish, later stages do not start.
 
     With an fsspec URL as output_dir the job runs in a local staging folder and each finished
     stage is uploaded, then marked complete (pipeline/runtime/remote.py)."""
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"unknown stage {until!r}; stages are {STAGES}")
-    to_run = STAGES[: STAGES.index(until) + 1] if until else STAGES
+    last, _, step = (until or STAGES[-1]).partition(".")
+    if last not in STAGES or (step and (last != "index" or step not in INDEX_STEPS)):
+        raise ConfigError(f"unknown stage {until!r}; stages are {STAGES} "
+                          f"(and {['index.' + s for s in INDEX_STEPS]})")
+    to_run = STAGES[: STAGES.index(last) + 1]
     progress = spec.runtime.progress if progress is None else progress
     announce = progress if announce is None else announce
     with ray_session(address or spec.runtime.address, num_cpus or spec.runtime.num_cpus):
@@ -500,7 +561,10 @@ def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = No
             for stage in to_run:
                 t = time.time()
                 try:
-                    STAGE_FUNCS[stage](run)
+                    if stage == "index" and step:
+                        stage_index(run, step)
+                    else:
+                        STAGE_FUNCS[stage](run)
                 except StageFailed as err:
                     failure = err
                     break
@@ -510,7 +574,8 @@ def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = No
                     remote.upload_stage(stage)
                     remote.upload_state(manifest)
                 if announce:
-                    print(f"[{spec.name}] {stage} done ({run.times[stage]:.1f}s)", flush=True)
+                    done = until if stage == "index" and step else stage
+                    print(f"[{spec.name}] {done} done ({run.times[stage]:.1f}s)", flush=True)
             summary = build_summary(run, failure)
             write_json(layout.summary, summary)
             if remote is not None:

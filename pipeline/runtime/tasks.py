@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import JobSpec
-from pipeline.data.shards import load_images, scan_shard
+from pipeline.data.shards import NoDecodableImage, load_images, scan_shard
 from pipeline.data.subsets import selected_keys
 from pipeline.features.backbones import decode_args, images_to_tensor, load_model
 from pipeline.features.extract import (
@@ -21,7 +21,14 @@ from pipeline.features.extract import (
     to_best_device,
 )
 from pipeline.features.stack import fit_stacks, load_stack
-from pipeline.index.faiss_index import merge_parts, populate_part, train_index, write_index
+from pipeline.ids import split_ids
+from pipeline.index.faiss_index import (
+    IndexInputError,
+    merge_parts,
+    populate_part,
+    train_index,
+    write_index,
+)
 from pipeline.layout import JobLayout
 from pipeline.store.softmax_store import write_partition
 
@@ -67,10 +74,18 @@ def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, job_d
     per_shard = max(1, round(np.mean([s["num_samples"] for s in shard_table])))
     shards = _evenly_spaced(shard_table, fs.pca_sample, per_shard)
     take = math.ceil(fs.pca_sample / len(shards))
-    images = np.concatenate([
-        load_images([shard["url"]], decode["channels"], decode["size"], job.data.max_image_pixels,
-                    take, decode["resize"], decode["interpolation"])[1] for shard in shards
-    ])[: fs.pca_sample]
+    chunks = []
+    for shard in shards:
+        try:
+            chunks.append(load_images([shard["url"]], decode["channels"], decode["size"],
+                                      job.data.max_image_pixels, take, decode["resize"],
+                                      decode["interpolation"])[1])
+        except NoDecodableImage:  # a shard of only corrupt images is legitimate: use the others
+            continue
+    if not chunks:
+        raise NoDecodableImage(f"no decodable image in the {len(shards)} shard(s) sampled to fit "
+                               "the transforms: check data.database")
+    images = np.concatenate(chunks)[: fs.pca_sample]
 
     batch = auto_batch_size(model, fs.batch_size)
 
@@ -134,11 +149,22 @@ def _subset_rows(feature_file: str, subset_manifest: str | None) -> np.ndarray |
 
 
 def populate_task(layer: str, trained_path: str, feature_file: str, out_path: str,
-                  job_dir: str, subset_manifest: str | None = None) -> dict:
+                  job_dir: str, subset_manifest: str | None = None,
+                  shard_index: int | None = None) -> dict:
+    """One part: the feature shard's vectors (its subset rows) added to a copy of the trained
+    index. Its ids must all be ``shard_index``'s, so no two parts can share an id."""
     rows = _subset_rows(feature_file, subset_manifest)
     vectors = _search_vectors(feature_file, layer, job_dir)[rows]
-    ids = read_column(feature_file, "id")[rows]
-    return {"added": populate_part(trained_path, vectors, ids.astype(np.int64), out_path)}
+    ids = read_column(feature_file, "id")[rows].astype(np.int64)
+    if shard_index is not None and len(ids):
+        shards, _ = split_ids(ids)
+        wrong = ids[shards != shard_index]
+        if len(wrong):
+            raise IndexInputError(
+                f"{feature_file}: holds {len(wrong)} ids of shard {int(split_ids(wrong[0])[0])} "
+                f"(e.g. id {wrong[0]}) but is shard {shard_index}'s feature file, so those ids "
+                "would be in the index twice: delete the file and re-run the features stage")
+    return {"added": populate_part(trained_path, vectors, ids, out_path, source=feature_file)}
 
 
 def tune_task(job_dir: str, layer: str, feature_files: list[str], k: int, target: float,
@@ -172,8 +198,9 @@ def tune_task(job_dir: str, layer: str, feature_files: list[str], k: int, target
     return {"nprobe": nprobe, "recall": recall, "curve": curve, "queries": len(queries), "k": k}
 
 
-def merge_task(trained_path: str, part_paths: list[str], out_path: str) -> dict:
-    return {"ntotal": merge_parts(trained_path, part_paths, out_path)}
+def merge_task(trained_path: str, part_paths: list[str], out_path: str, ondisk: bool = False
+               ) -> dict:
+    return {"ntotal": merge_parts(trained_path, part_paths, out_path, ondisk)}
 
 
 def store_task(store_dir: str, partition_index: int, feature_files: list[str],
