@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 CLASS_NAMES = [
@@ -78,30 +77,16 @@ def write_split_shards(
     samples_per_shard: int, image_format: str = "png",
 ) -> list[Path]:
     """Write ``images`` as tar shards under ``out_dir``; each tar is written then renamed."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for shard, start in enumerate(range(0, len(images), samples_per_shard)):
-        final = out_dir / f"{shard:05d}.tar"
-        tmp = final.with_suffix(".tar.tmp")
-        count = 0
-        with wds.TarWriter(str(tmp)) as sink:
-            for row in range(start, min(start + samples_per_shard, len(images))):
-                key = f"{shard:05d}{row - start:06d}"
-                label = int(labels[row])
-                sink.write({
-                    "__key__": key,
-                    image_format: encode_image(images[row], image_format),
-                    "json": {"key": key, "split": split, "source_index": row, "label": label,
-                             "class_name": CLASS_NAMES[label] if label < len(CLASS_NAMES) else str(label)},
-                    "cls": label,
-                })
-                count += 1
-        os.replace(tmp, final)
-        stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}
-        (out_dir / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
-        written.append(final)
-    return written
+    from pipeline.data.shards import write_tar_shards
+
+    def sample_at(row: int, key: str) -> dict:
+        label = int(labels[row])
+        return {image_format: encode_image(images[row], image_format),
+                "json": {"key": key, "split": split, "source_index": row, "label": label,
+                         "class_name": CLASS_NAMES[label] if label < len(CLASS_NAMES) else str(label)},
+                "cls": label}
+
+    return write_tar_shards(out_dir, len(images), samples_per_shard, sample_at)
 
 
 def import_fashion_mnist(

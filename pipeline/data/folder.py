@@ -6,12 +6,9 @@ through a regular expression, e.g. foolbox's ``imagenet_07_559.jpg`` with ``_(\\
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
-
-import webdataset as wds
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -38,25 +35,16 @@ def pack_image_folder(source: str | os.PathLike, out_dir: str | os.PathLike,
         raise FileNotFoundError(f"{source}: no image files matching {glob!r} "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     labels = [label_from_name(p, label_pattern) for p in files]  # fail before writing anything
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard, start in enumerate(range(0, len(files), samples_per_shard)):
-        final = out_dir / f"{shard:05d}.tar"
-        tmp = final.with_suffix(".tar.tmp")
-        chunk = range(start, min(start + samples_per_shard, len(files)))
-        with wds.TarWriter(str(tmp)) as sink:
-            for row in chunk:
-                path, key = files[row], f"{shard:05d}{row - start:06d}"
-                sample = {"__key__": key, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"):
-                          path.read_bytes(), "json": {"key": key, "file": path.name}}
-                if labels[row] is not None:
-                    sample["cls"] = labels[row]
-                    sample["json"]["label"] = labels[row]
-                sink.write(sample)
-        os.replace(tmp, final)
-        (out_dir / f"{shard:05d}_stats.json").write_text(json.dumps(
-            {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0,
-             "failed_to_resize": 0}))
-        shards.append(str(final))
+    from pipeline.data.shards import write_tar_shards
+
+    def sample_at(row: int, key: str) -> dict:
+        path = files[row]
+        sample = {path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): path.read_bytes(),
+                  "json": {"key": key, "file": path.name}}
+        if labels[row] is not None:
+            sample["cls"] = labels[row]
+            sample["json"]["label"] = labels[row]
+        return sample
+
+    shards = [str(p) for p in write_tar_shards(out_dir, len(files), samples_per_shard, sample_at)]
     return {"images": len(files), "shards": shards, "labelled": label_pattern is not None}

@@ -345,3 +345,32 @@ def load_images(urls: list[str], channels: int, size: int | None = None,
     if not images:
         raise NoDecodableImage(f"no decodable image in {len(urls)} shard(s)")
     return keys, np.stack(images), np.asarray(labels, dtype=np.int64), dict(skipped)
+
+
+def write_tar_shards(out_dir: str | os.PathLike, count: int, samples_per_shard: int,
+                     sample_at: Callable[[int, str], dict]) -> list:
+    """Write ``count`` samples as ``{shard:05d}.tar`` shards (img2dataset layout) with a
+    ``_stats.json`` beside each; ``sample_at(row, key)`` gives a webdataset sample dict without
+    its ``__key__``. Each tar is written under a temporary name, then renamed."""
+    import json
+    from pathlib import Path
+
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for shard, start in enumerate(range(0, count, samples_per_shard)):
+        final = out_dir / f"{shard:05d}.tar"
+        tmp = final.with_suffix(".tar.tmp")
+        rows = range(start, min(start + samples_per_shard, count))
+        with wds.TarWriter(str(tmp)) as sink:
+            for row in rows:
+                key = f"{shard:05d}{row - start:06d}"
+                sink.write({"__key__": key, **sample_at(row, key)})
+        os.replace(tmp, final)
+        stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0,
+                 "failed_to_resize": 0}
+        (out_dir / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+        written.append(final)
+    return written
