@@ -14,7 +14,6 @@ undefended EfficientNet-Lite0 on labelled ImageNet samples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from pipeline.evaluate.suite import (
     set_statistics,
 )
 from pipeline.features.backbones import decode_args, images_to_tensor
+from pipeline.runtime.job import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ def open_database(label: str, job_dir: str, **overrides) -> Database:
 
 
 def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Fingerprint in the names of saved sets and cells (12 hex digits)."""
+    return fingerprint(*parts, length=12)
 
 
 def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int):
@@ -291,19 +292,28 @@ def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: li
                           from_defense=len(wanted))
 
 
-def surrogate_builder(surrogate, train_urls: list[str] | None, cache_dir: Path, max_pixels: int):
-    """The black-box attacker's model: pretrained, or trained here on the database images
-    (cached by content hash, like the train stage)."""
+def given_model(spec: ModelSpec, seed: int) -> tuple[torch.nn.Module, str]:
+    """A classifier that is not trained here, in eval mode, and what identifies its weights:
+    ``weights: random`` (a seeded init), a weights file, or the arch's pretrained weights."""
+    from pipeline.features.backbones import build_model, file_sha256, load_model, pretrained_weights
+
+    if spec.weights == "random":
+        torch.manual_seed(seed)
+        return build_model(spec).eval(), "random"
+    weights = pretrained_weights(spec)  # the given file, else the packaged / cached one
+    return load_model(spec, weights).eval(), file_sha256(weights)
+
+
+def surrogate_builder(surrogate, train_urls: list[str] | None, cache_dir: Path, max_pixels: int,
+                      seed: int = 0):
+    """The black-box attacker's model: given / pretrained, or trained here on the database
+    images (cached by content hash, like the train stage)."""
     def build():
-        from pipeline.features.backbones import file_sha256, load_model, pretrained_weights
+        from pipeline.features.backbones import file_sha256, load_model
 
         spec = surrogate.model
-        if spec.weights == "random" or not spec.trained_here:
-            from pipeline.features.backbones import build_model
-
-            if spec.weights == "random":
-                return build_model(spec)
-            return load_model(spec, spec.weights or pretrained_weights(spec))
+        if not spec.trained_here:
+            return given_model(spec, seed)[0]
         from pipeline.data.shards import load_images
         from pipeline.train.classifier import train_classifier, training_hash
 
@@ -418,7 +428,7 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
             feature_fn=lambda layer: feature_fn_for(defense, layer),
             surrogate_builder=None if ev.surrogate is None else surrogate_builder(
                 ev.surrogate, expand_shards(job.data.database), out_dir / "surrogate",
-                job.data.max_image_pixels),
+                job.data.max_image_pixels, ev.seed),
             attack_db_builder=lambda: build_attack_database(defense, str(job_dir), ev.attack_database,
                                                             rest, layers),
             cbw_d=(ev.cbw_d.m, ev.cbw_d.p))
@@ -439,21 +449,15 @@ def evaluate_model(exp: ExperimentSpec, num_threads: int | None = None, progress
     """The grid for a classifier without a kNN defense (attacks and transfer only)."""
     from pipeline.data.shards import expand_shards
     from pipeline.evaluate.report import write_report
-    from pipeline.features.backbones import build_model, file_sha256, load_model, pretrained_weights
 
     ev = exp.evaluate
     _threads(ev, num_threads)
-    if exp.model.weights == "random":
-        torch.manual_seed(ev.seed)
-        model, model_fp = build_model(exp.model).eval(), "random"
-    else:
-        weights = exp.model.weights or pretrained_weights(exp.model)
-        model, model_fp = load_model(exp.model, weights).eval(), file_sha256(weights)
+    model, model_fp = given_model(exp.model, ev.seed)
     queries, _ = load_queries(expand_shards(exp.queries), model, ev, exp.max_image_pixels)
     out_dir = Path(exp.output_dir)
     ctx = AttackContext(model, ev.seed, surrogate_builder=None if ev.surrogate is None else
                         surrogate_builder(ev.surrogate, None, out_dir / "surrogate",
-                                          exp.max_image_pixels))
+                                          exp.max_image_pixels, ev.seed))
     context_fp = _hash(queries["keys"], queries["labels"].tolist(), model_fp, ev.seed,
                        None if ev.surrogate is None else ev.surrogate.model_dump())
     db = Database("undefended", 0, None, _hash(model_fp))

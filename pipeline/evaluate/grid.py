@@ -47,9 +47,10 @@ def predict_defenses(defense, model, x: torch.Tensor, defenses: list[tuple]) -> 
     DefendedClassifier) may be None when only the undefended classifier is evaluated."""
     layers = list(dict.fromkeys(d[0] for d in defenses if d != NONE))
     if defense is None or not layers:
+        from pipeline.evaluate.suite import predict_labels
+
         with torch.inference_mode():
-            undefended = torch.cat([model(x[s:s + 256]).argmax(1) for s in range(0, len(x), 256)])
-        return undefended.numpy()[None].astype(np.int16)
+            return predict_labels(model, x).numpy()[None].astype(np.int16)
     kmax = max(d[2] for d in defenses)
     probs, found = defense.neighbours_all_layers(x, layers, kmax)
     preds = []

@@ -148,19 +148,14 @@ def database_table(rows: list[dict], ev, budget) -> str:
     rule = ev.weightings[-1]
     sel = [r for r in rows if r["weighting"] == rule and r["k"] == ev.k]
     cols = _columns(rows, budget)
-    by = {(r["database"], *key): r for key, r in
-          ((k, r) for r in sel for k in [(title_of(r), r["budget"], r["target_layer"], r["layer"])])}
     lines = [f"### Accuracy vs database ({WEIGHTING_NAMES[rule]}, K = {ev.k}, budget {budget:g})", "",
              f"| database | images | layer | {' | '.join(cols)} |", "|---|---:|---|" + "---:|" * len(cols)]
     for db in dict.fromkeys(r["database"] for r in sel):
-        size = next(r["db_size"] for r in sel if r["database"] == db)
-        for layer in dict.fromkeys(r["layer"] for r in sel):
-            cells = []
-            for c in cols:
-                hit = by.get((db, c, 0.0 if c == "clean" else budget, "", layer)) or \
-                    by.get((db, c, budget, layer, layer))
-                cells.append(_fmt(hit))
-            lines.append(f"| {db} | {size:,} | {layer} | {' | '.join(cells)} |")
+        db_rows = [r for r in sel if r["database"] == db]
+        by = _index(db_rows)
+        for layer in dict.fromkeys(r["layer"] for r in db_rows):
+            cells = [_fmt(_cell(by, c, budget, layer, rule, ev.k)) for c in cols]
+            lines.append(f"| {db} | {db_rows[0]['db_size']:,} | {layer} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -8,11 +8,9 @@ normalised L2 (mean, max) and the [0, 1] range, so an attack that wastes its bud
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from pipeline.attacks.cw import cw_l2_minimal, project_cw
@@ -60,9 +58,10 @@ class AttackSet:
         return f"{ATTACK_NAMES[self.attack]} {THREAT_NAMES[self.threat]}"
 
     def fingerprint(self, *context) -> str:
+        from pipeline.runtime.job import fingerprint
+
         params = self.spec.model_dump(exclude={"budget", "layers", "batch_size"})
-        payload = json.dumps([params, self.budget, self.layer, context], sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return fingerprint(params, self.budget, self.layer, context, length=12)
 
 
 def plan_sets(attacks, layers: list[str]) -> list[AttackSet]:
@@ -194,8 +193,8 @@ def set_statistics(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: A
     fools the undefended target (and, for black-box sets, the surrogate: the transfer rate)."""
     achieved = normalised_l2(x_adv, x).numpy()
     with torch.inference_mode():
-        clean_ok = _predict(ctx.model, x) == y
-        target_fooled = _predict(ctx.model, x_adv) != y
+        clean_ok = predict_labels(ctx.model, x) == y
+        target_fooled = predict_labels(ctx.model, x_adv) != y
     stats = {"achieved_l2_mean": float(achieved.mean()), "achieved_l2_max": float(achieved.max()),
              "budget_used": float(achieved.mean() / aset.budget),
              "pixels_in_range": bool(((x_adv >= 0) & (x_adv <= 1)).all()),
@@ -203,7 +202,7 @@ def set_statistics(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: A
              "undefended_error_rate": float(target_fooled.float().mean())}
     if aset.threat == "black_box":
         with torch.inference_mode():
-            surrogate_fooled = _predict(ctx.surrogate, x_adv) != y
+            surrogate_fooled = predict_labels(ctx.surrogate, x_adv) != y
         base = surrogate_fooled & clean_ok
         stats["surrogate_error_rate"] = float(surrogate_fooled.float().mean())
         # of the images the target got right and the surrogate's attack fooled the surrogate on,
@@ -212,10 +211,6 @@ def set_statistics(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: A
     return stats
 
 
-def _predict(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def predict_labels(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The classifier's labels for images ``x`` in [0, 1], in batches (call under inference_mode)."""
     return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, len(x), batch)])
-
-
-def predicted_labels(model, x: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        return _predict(model, x).numpy()

@@ -44,8 +44,9 @@ STAGES = ["import", "shards", "subset", "train", "transforms", "features", "inde
 BIG_TASK_MAX_CPUS = 8
 
 
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fingerprint(*parts, length: int = 16) -> str:
+    """Content hash of ``parts`` (JSON, keys sorted): what a unit or cell was built from."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 @dataclass

@@ -220,7 +220,6 @@ def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool =
     """Run the job's evaluation grid (its `evaluate` section) on its query sample into eval/."""
     from pipeline.evaluate.experiment import evaluate_job
 
-    _threads(num_threads)
     result = evaluate_job(job_dir, num_threads=num_threads, progress=progress)
     return {k: result[k] for k in ("num_queries", "query_skipped", "markdown", "sets_crafted",
                                    "cells_evaluated", "attacks", "claims")}
