@@ -401,6 +401,10 @@ class RuntimeSpec(_Strict):
     # memory stay flat however many units a stage has). None = 4 per cluster CPU, at least 16.
     max_in_flight: Annotated[int, Field(gt=0)] | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    # Placement of per-shard tasks: "spread" hands them to the nodes in turn (what Ray Data does
+    # for reads: every node's disk/network and model share the work from the first task on);
+    # "default" is Ray's hybrid policy (fill the local node first).
+    scheduling: Literal["spread", "default"] = "spread"
     # With an fsspec URL output_dir: the local folder the job is written to before each
     # finished stage is uploaded. None = <tmp>/knn-defense-staging/<name>-<hash of the URL>.
     staging_dir: str | None = None

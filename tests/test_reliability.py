@@ -245,7 +245,14 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_
 try:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    nodes = [n.node_id for n in cluster.list_all_nodes()]
+    ray.init(address=cluster.address)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    # One idle worker per node before the job: a node still starting its first worker must not
+    # be outrun by the other node's warm one (six small shards finish in seconds).
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+    ready = ray.remote(lambda: ray.get_runtime_context().get_node_id())
+    assert sorted(ray.get([ready.options(scheduling_strategy=On(n, soft=False)).remote()
+                           for n in nodes])) == sorted(nodes)
     summary = run_job(load_job(sys.argv[1]), "verify", address=cluster.address, progress=False)
     manifest = Manifest(JobLayout(summary["output_dir"]).manifest)
     per_unit = {u["unit"]: u["node"] for u in manifest.units("features")}

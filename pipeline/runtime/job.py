@@ -101,6 +101,8 @@ class JobRun:
         ray_options.setdefault("max_retries", self.retries)
         ray_options.setdefault("retry_exceptions", self.spec.runtime.retryable())
         ray_options.setdefault("max_in_flight", self.max_in_flight())
+        if not big and self.spec.runtime.scheduling == "spread":
+            ray_options.setdefault("scheduling_strategy", "SPREAD")
         try:
             report = run_units(self.manifest, stage, units, fp, progress=self.progress, **ray_options)
         except StageFailed as err:
