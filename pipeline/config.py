@@ -285,9 +285,25 @@ class AdaptiveAttack(_WhiteBoxAttack):
     random_start: bool = False
 
 
+class MinNormAttack(_WhiteBoxAttack):
+    """Beyond the paper: minimum-norm attack on the kNN vote, pulling the features into the
+    neighbourhood of ``m`` guide samples of the nearest other class (Sitawarin & Wagner) under
+    an adaptive norm bound (FMN), then projected onto each budget: one run per layer serves a
+    whole budget sweep."""
+
+    name: Literal["min_norm"] = "min_norm"
+    steps: Annotated[int, Field(gt=0)] = 100
+    step_size: Annotated[float, Field(gt=0)] = 0.1  # first step, relative to ||x||; cosine decay
+    gamma: Annotated[float, Field(gt=0, lt=1)] = 0.05  # norm-bound adaptation rate
+    k: Annotated[int, Field(gt=0)] = 50
+    m: Annotated[int, Field(gt=0)] | None = None  # guides; default k
+    temperature: Annotated[float, Field(gt=0)] = 0.1  # softness of the guide hinge
+    weighting: Literal["uw", "cbw_e", "cbw_d"] = "cbw_d"  # the vote that decides success
+
+
 AttackSpec = Annotated[PgdAttack | FgsmAttack | IfgsmAttack | CwAttack | PgdPrAttack
-                       | PgdFsAttack | AdaptiveAttack, Field(discriminator="name")]
-WHITE_BOX_ATTACKS = ("pgd_pr", "pgd_fs", "adaptive")
+                       | PgdFsAttack | AdaptiveAttack | MinNormAttack, Field(discriminator="name")]
+WHITE_BOX_ATTACKS = ("pgd_pr", "pgd_fs", "adaptive", "min_norm")
 
 
 class CbwDSpec(_Strict):

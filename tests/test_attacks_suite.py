@@ -1,5 +1,6 @@
-"""FGSM, I-FGSM, CW-L2, PGD-PR, PGD-FS and the adaptive soft-kNN attack: budget and box
-invariants, effectiveness on a tiny band model, determinism, and the kNN surrogates' gradients."""
+"""FGSM, I-FGSM, CW-L2, PGD-PR, PGD-FS, the adaptive soft-kNN attack and the min-norm kNN
+attack: budget and box invariants, effectiveness on a tiny band model, determinism, and the kNN
+surrogates' gradients."""
 
 from types import SimpleNamespace
 
@@ -13,7 +14,9 @@ from pipeline.attacks.knn_aware import (
     choose_targets,
     feature_fn_for,
     hard_knn_scores,
+    guide_radius,
     initial_neighbours,
+    knn_min_norm,
     make_feature_fn,
     nearest,
     pgd_fs,
@@ -23,7 +26,7 @@ from pipeline.attacks.knn_aware import (
     soft_threshold_scores,
 )
 from pipeline.attacks.pgd import pgd_l2
-from pipeline.attacks.projection import normalised_l2
+from pipeline.attacks.projection import normalised_l2, project_minimal
 from pipeline.defense.weighting import diversity_weights
 from pipeline.features.backbones import images_to_tensor, pool
 from pipeline.features.stack import LayerTransform
@@ -103,6 +106,9 @@ def _all_attacks(b, x, y, budget, k=10, quick=False):
         "adaptive_cbw": soft_knn_margin_attack(b.feature_fn, x, y, b.db_feats, b.db_softmax,
                                                budget, steps=adaptive_steps // 2, k=k,
                                                db_weights=weights),
+        "min_norm": project_minimal(knn_min_norm(b.feature_fn, x, y, b.db_feats, b.db_labels,
+                                                 b.db_softmax, k=k, steps=adaptive_steps,
+                                                 db_weights=weights), x, budget)[0],
     }
 
 
@@ -336,3 +342,60 @@ def test_adaptive_attack_beats_pgd_pr_on_the_knn_vote(band):
     tiny = soft_knn_margin_attack(band.feature_fn, x[:8], y[:8], band.db_feats[:12],
                                   band.db_softmax[:12], budget, steps=3, k=10)
     assert (normalised_l2(tiny, x[:8]) <= budget + 1e-6).all()
+
+
+def test_min_norm_knn_attack_finds_minimal_adversarials_as_strong_as_the_adaptive_attack(band):
+    """One unbounded search gives every budget: an image whose minimal perturbation fits the
+    budget fools the real kNN vote after projection, and the curve matches the budgeted
+    adaptive attack's (a weaker min-norm search would sit above it)."""
+    x, y = _batch(64, 9)
+    k = 10
+    result = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax,
+                          k=k, steps=100)
+    mins = result["min_normalised_l2"]
+    assert torch.isfinite(mins).float().mean() >= 0.95
+    assert (result["target"] != y).all()
+    torch.testing.assert_close(normalised_l2(result["x"], x)[torch.isfinite(mins)],
+                               mins[torch.isfinite(mins)])
+    assert ((result["x"] >= 0) & (result["x"] <= 1)).all()
+    with torch.no_grad():
+        idx = nearest(band.feature_fn(x), band.db_feats, k)
+        clean_ok = hard_knn_scores(band.db_softmax[idx]).argmax(1) == y
+    under = []
+    for budget in (0.03, 0.06, 0.1):
+        x_adv, info = project_minimal(result, x, budget)
+        assert (normalised_l2(x_adv, x) <= budget + 1e-6).all()
+        fits = mins <= budget
+        assert info["under_budget_rate"] == pytest.approx(fits.float().mean().item())
+        under.append(info["under_budget_rate"])
+        with torch.no_grad():
+            idx = nearest(band.feature_fn(x_adv), band.db_feats, k)
+            fooled = hard_knn_scores(band.db_softmax[idx]).argmax(1) != y
+        assert fooled[fits].all(), budget  # the projection leaves a fitting image untouched
+        adaptive = soft_knn_margin_attack(band.feature_fn, x, y, band.db_feats, band.db_softmax,
+                                          budget, steps=30, k=k)
+        adaptive_acc = _knn_accuracy(band, adaptive, y, k)
+        min_norm_acc = (clean_ok & ~fooled).float().mean().item()
+        assert min_norm_acc <= adaptive_acc + 0.1, (budget, min_norm_acc, adaptive_acc)
+    assert under == sorted(under) and under[-1] >= 0.8
+
+
+def test_min_norm_knn_attack_moves_saturated_pixels(band):
+    """Pixel space with an exact box projection: images that are mostly exact 0s and 1s (where
+    CW's tanh parametrisation has no gradient) are still fooled at a small norm."""
+    x, y = _batch(32, 10)
+    x = _saturated(x)
+    result = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax,
+                          k=10, steps=60)
+    mins = result["min_normalised_l2"]
+    assert torch.isfinite(mins).float().mean() >= 0.9
+    assert mins[torch.isfinite(mins)].median() < 0.2
+
+
+def test_guide_radius_is_the_kth_neighbour_distance():
+    g = torch.Generator().manual_seed(0)
+    db = torch.randn(30, 4, generator=g)
+    guides = db[torch.tensor([[0, 5], [7, 29]])]
+    radius = guide_radius(guides, db, k=3, chunk=3)
+    expected = torch.cdist(guides.reshape(-1, 4), db).sort(dim=1).values[:, 2].pow(2).view(2, 2)
+    torch.testing.assert_close(radius, expected)

@@ -74,6 +74,7 @@ ALL_ATTACKS = [
     {"name": "pgd_pr", "layers": [LAYER], "steps": 4, "k": 10, "budget": 0.1},
     {"name": "pgd_fs", "layers": [LAYER], "steps": 4, "m": 5, "budget": 0.1},
     {"name": "adaptive", "layers": [LAYER], "steps": 6, "k": 10, "budget": 0.1},
+    {"name": "min_norm", "layers": [LAYER], "steps": 10, "k": 10, "budget": [0.05, 0.1]},
 ]
 
 
@@ -103,7 +104,7 @@ def full_grid(toy, tmp_path_factory):
 def test_plan_has_one_set_per_attack_budget_and_layer():
     sets = plan_sets(_spec().attacks, ["a", "b"])
     labels = [s.label for s in sets]
-    assert len(labels) == len(set(labels)) == 2 + 1 + 2 + 2 + 1 + 1 + 3
+    assert len(labels) == len(set(labels)) == 2 + 1 + 2 + 2 + 1 + 1 + 3 + 2
     assert "pgd_pr-white_box[conv_4_1]@0.1" in labels and "cw-gray_box@0.05" in labels
     spec = EvaluateSpec.model_validate({"attacks": [{"name": "adaptive"}]})
     assert [s.layer for s in plan_sets(spec.attacks, ["a", "b"])] == ["a", "b"]
@@ -112,7 +113,7 @@ def test_plan_has_one_set_per_attack_budget_and_layer():
 def test_every_attack_and_setting_keeps_budget_and_box_checked_on_the_saved_sets(toy, full_grid):
     out, result = full_grid
     x = images_to_tensor(toy["queries"]["images"])
-    assert len(result["attacks"]) == 12
+    assert len(result["attacks"]) == 14
     for stats in result["attacks"]:
         saved = next(p for p in (out / "sets").iterdir() if p.name.startswith(stats["condition"] + "-"))
         x_adv = torch.from_numpy(np.load(saved)["x"])
@@ -126,6 +127,10 @@ def test_every_attack_and_setting_keeps_budget_and_box_checked_on_the_saved_sets
     cw = [s for s in result["attacks"] if s["attack"] == "cw"]
     assert all(0 <= s["cw_under_budget_rate"] <= s["cw_success_rate"] <= 1 for s in cw)
     assert cw[0]["cw_under_budget_rate"] <= cw[1]["cw_under_budget_rate"]  # 0.05 then 0.1
+    min_norm = [s for s in result["attacks"] if s["attack"] == "min_norm"]
+    assert [s["budget"] for s in min_norm] == [0.05, 0.1]
+    assert 0 <= min_norm[0]["min_norm_under_budget_rate"] <= min_norm[1]["min_norm_under_budget_rate"]
+    assert min_norm[1]["min_norm_under_budget_rate"] <= min_norm[1]["min_norm_success_rate"] <= 1
     black = [s for s in result["attacks"] if s["threat"] == "black_box"]
     assert all(0 <= s["transfer_rate"] <= 1 and "surrogate_error_rate" in s for s in black)
 

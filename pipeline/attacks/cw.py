@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks.gradient import batch_view
-from pipeline.attacks.projection import budget_eps, normalised_l2, project_l2_box
+from pipeline.attacks.projection import project_minimal
 
 
 def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,16 +41,8 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, ste
 def project_cw(minimal: dict, x: torch.Tensor, budget: float) -> tuple[torch.Tensor, dict]:
     """:func:`cw_l2`'s result for ``budget`` from one :func:`cw_l2_minimal` run: CW does not
     depend on the budget, so a budget sweep runs it once and projects per budget."""
-    x_out = project_l2_box(minimal["x"], x, budget_eps(x, budget)).detach()
-    min_normalised = minimal["min_normalised_l2"]
-    info = {
-        "success_rate": torch.isfinite(min_normalised).float().mean().item(),
-        "under_budget_rate": (min_normalised <= budget).float().mean().item(),
-        "achieved_l2": normalised_l2(x_out, x).mean().item(),
-        "min_normalised_l2": min_normalised,
-        "c": minimal["c"],
-    }
-    return x_out, info
+    x_out, info = project_minimal(minimal, x, budget)
+    return x_out, {**info, "min_normalised_l2": minimal["min_normalised_l2"], "c": minimal["c"]}
 
 
 def cw_l2_minimal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,

@@ -6,15 +6,19 @@ From the paper (Dubey et al., Sec. 5.3):
 - PGD-FS: PGD pulling the image's features towards features of attack-database images of
   another (target) class.
 
-Beyond the paper, :func:`soft_knn_margin_attack` is an adaptive attack in the style of
-Sitawarin & Wagner's attacks on kNN classifiers ("On the Robustness of Deep K-Nearest
-Neighbors", 2019; "Minimum-Norm Adversarial Examples on KNN and KNN-Based Models", 2020): it
-re-finds the neighbours at every step, relaxes the neighbour *set* with a sigmoid around the
-k-th distance (so other-class images just outside it pull), optimises a margin rather than a
-cross-entropy, and keeps the best iterate under the real (hard) vote.
+Beyond the paper, two attacks in the style of Sitawarin & Wagner's attacks on kNN classifiers
+("On the Robustness of Deep K-Nearest Neighbors", 2019; "Minimum-Norm Adversarial Examples on
+KNN and KNN-Based Models", 2020):
+- :func:`soft_knn_margin_attack` (inside a budget) re-finds the neighbours at every step,
+  relaxes the neighbour *set* with a sigmoid around the k-th distance (so other-class images
+  just outside it pull), optimises a margin rather than a cross-entropy, and keeps the best
+  iterate under the real (hard) vote;
+- :func:`knn_min_norm` (no budget) searches the smallest perturbation that moves the features
+  into the neighbourhood of guide samples of another class, CW-style, so one run gives the
+  whole accuracy-vs-budget curve (:func:`pipeline.attacks.projection.project_minimal`).
 
-Every attack takes images in [0, 1] and a per-image normalised L2 budget and returns images
-inside {||x* - x|| <= budget * ||x||} ∩ [0, 1], enforced by the exact projection.
+Every budgeted attack takes images in [0, 1] and a per-image normalised L2 budget and returns
+images inside {||x* - x|| <= budget * ||x||} ∩ [0, 1], enforced by the exact projection.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks.gradient import batch_view, l2_unit
-from pipeline.attacks.projection import budget_eps, project_l2_box
+from pipeline.attacks.projection import budget_eps, normalised_l2, project_l2_box
 from pipeline.features.backbones import pool
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -289,3 +294,99 @@ def soft_knn_margin_attack(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tens
             alpha = alpha0 * 0.5 * (1 + math.cos(math.pi * i / steps))
             x_adv = project_l2_box(x_adv.detach() + alpha.view(view) * l2_unit(grad), x, eps)
     return best.detach()
+
+
+def guide_radius(guide_feats: torch.Tensor, db_feats: torch.Tensor, k: int,
+                 chunk: int = 4096) -> torch.Tensor:
+    """Squared distance [N, m] from each guide (``guide_feats`` [N, m, D], rows of ``db_feats``)
+    to its k-th nearest database row, itself included: a point that close to a guide is about
+    as surrounded by the guide's neighbours as the guide is. In chunks: N * m rows x M."""
+    flat = guide_feats.reshape(-1, guide_feats.shape[-1])
+    k = min(k, len(db_feats))
+    radius = torch.cat([torch.cdist(part, db_feats).topk(k, dim=1, largest=False).values[:, -1]
+                        for part in flat.split(chunk)])
+    return radius.pow(2).view(guide_feats.shape[:2])
+
+
+def knn_min_norm(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor, db_feats: torch.Tensor,
+                 db_labels: torch.Tensor, db_softmax: torch.Tensor, k: int = 50,
+                 m: int | None = None, steps: int = 100, step_size: float = 0.1,
+                 gamma: float = 0.05, temperature: float = 0.1,
+                 db_weights: torch.Tensor | None = None, line_steps: int = 10) -> dict:
+    """Minimum-norm attack on the kNN vote with guide samples (Sitawarin & Wagner, 2019/2020),
+    searched with adaptive norm constraints (FMN, Pintor et al., 2021).
+
+    Per image: the target class is that of the nearest (attack-)database row with another
+    label; the guides are the ``m`` (default ``k``) target-class rows nearest to the clean
+    features, each with its radius eta_j (:func:`guide_radius`). The loss is the pull
+    mean_j tau * softplus((d_j / eta_j - 1) / tau), d_j the squared feature distance to guide
+    j: a hinge, linear far from the guides (no vanishing gradient at the start) and ~0 inside
+    their neighbourhoods. Each step descends it by ``step_size * ||x||`` (cosine-decayed) and
+    projects exactly onto {||x* - x|| <= eps} ∩ [0, 1]; eps is unbounded until the image first
+    fools the vote, then shrinks by (1 - gamma) from the best norm at every success and grows by
+    (1 + gamma) at every failure (gamma cosine-decayed), so the iterates walk along the
+    decision boundary towards x. Pixel space, not CW's tanh space: saturated pixels (a black
+    background) can still move. Success is judged by the real vote: the K nearest database
+    rows' softmax vote (CBW ``db_weights`` [M] if given) is not ``y``. The best image is then
+    pulled back towards ``x`` as far as it stays adversarial (:func:`shrink_towards`).
+
+    Returns ``x`` (per image the smallest adversarial image found, else the last iterate),
+    ``min_normalised_l2`` (inf where none was found) and ``target`` (the guides' class).
+    """
+    view = batch_view(x)
+    x = x.detach()
+    n, k = len(x), min(k, len(db_feats))
+    with torch.no_grad():
+        target, guides = choose_targets(db_feats, db_labels, feature_fn(x), y, m or k)
+        eta = guide_radius(guides, db_feats, k).clamp_min(1e-12)  # [N, m]
+    x_norm = x.flatten(1).norm(dim=1)
+
+    def is_adversarial_features(feats: torch.Tensor) -> torch.Tensor:
+        idx = nearest(feats, db_feats, k)
+        weights = None if db_weights is None else db_weights[idx]
+        return score_margin(hard_knn_scores(db_softmax[idx], weights), y) > 0
+
+    x_adv = x.clone()
+    eps = torch.full((n,), float("inf"), device=x.device)
+    best, best_norm = x.clone(), torch.full((n,), float("inf"), device=x.device)
+    for i in range(steps):
+        decay = 0.5 * (1 + math.cos(math.pi * i / steps))
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            feats = feature_fn(x_adv)
+            d = (feats[:, None, :] - guides).pow(2).sum(-1)
+            pull = (temperature * F.softplus((d / eta - 1) / temperature)).mean(1)
+            (grad,) = torch.autograd.grad(pull.sum(), x_adv)
+        with torch.no_grad():
+            # This iterate's vote (its features), recorded before the step moves it.
+            adv = is_adversarial_features(feats)
+            norm = (x_adv - x).flatten(1).norm(dim=1)
+            better = adv & (norm < best_norm)
+            best_norm = torch.where(better, norm, best_norm)
+            best = torch.where(better.view(view), x_adv, best)
+            eps = torch.where(adv, torch.minimum(eps, norm) * (1 - gamma * decay),
+                              eps * (1 + gamma * decay))  # inf stays inf until a first success
+            step = x_adv - (step_size * decay * x_norm).view(view) * l2_unit(grad)
+            x_adv = project_l2_box(step, x, eps.nan_to_num(posinf=float(x.numel())))
+    found = torch.isfinite(best_norm)
+    best = shrink_towards(x, best, found,
+                          lambda images: is_adversarial_features(feature_fn(images)), line_steps)
+    min_normalised = torch.where(found, normalised_l2(best, x), torch.full_like(eps, float("inf")))
+    return {"x": torch.where(found.view(view), best, x_adv).detach(),
+            "min_normalised_l2": min_normalised, "target": target}
+
+
+def shrink_towards(x: torch.Tensor, x_adv: torch.Tensor, found: torch.Tensor,
+                   is_adversarial: Callable[[torch.Tensor], torch.Tensor],
+                   steps: int = 10) -> torch.Tensor:
+    """Bisect t in [0, 1] per image for the smallest x + t (x_adv - x) that is still
+    adversarial (the segment stays in the box): the optimiser's iterates overshoot the
+    decision boundary by its step size, a line search along the found direction does not."""
+    view = batch_view(x)
+    lo, hi = torch.zeros(len(x), device=x.device), torch.ones(len(x), device=x.device)
+    with torch.no_grad():
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            ok = is_adversarial(x + mid.view(view) * (x_adv - x)) & found
+            hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    return x + hi.view(view) * (x_adv - x)

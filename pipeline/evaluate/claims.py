@@ -2,7 +2,7 @@
 
 C1 the kNN defense keeps much more accuracy than no defense under gray-box PGD;
 C2 CBW-D >= CBW-E >= UW; C3 accuracy grows roughly log-linearly with database size;
-C4 PGD-FS and the adaptive attack hurt the defense more than PGD; C5 black-box is weaker than
+C4 PGD-FS and the adaptive attacks (soft-kNN margin, min-norm kNN) hurt the defense more than PGD; C5 black-box is weaker than
 gray-box. A claim whose conditions are not in the grid is left out.
 """
 
@@ -76,7 +76,7 @@ def claims_report(rows: list[dict], ev, budget: float | None) -> dict:
                             "holds": bool(all(f["slope_per_decade"] > 0 and f["r2"] >= 0.8
                                               for f in fits.values()))}
     white = {t: {layer: at(t, layer, target=layer) for layer in layers}
-             for t in ("PGD-FS white", "adaptive white")}
+             for t in ("PGD-FS white", "adaptive white", "min-norm kNN white")}
     white = {t: v for t, v in white.items() if any(a is not None for a in v.values())}
     if white and gray:
         cmp = {t: {layer: {"pgd_gray": gray[layer], t: acc} for layer, acc in v.items() if acc is not None}

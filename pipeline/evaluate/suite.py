@@ -13,21 +13,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.attacks.cw import cw_l2_minimal, project_cw
+from pipeline.attacks.cw import cw_l2_minimal
 from pipeline.attacks.gradient import fgsm_l2, ifgsm_l2
 from pipeline.attacks.knn_aware import (
     choose_targets,
     initial_neighbours,
+    knn_min_norm,
     pgd_fs,
     pgd_pr,
     soft_knn_margin_attack,
 )
 from pipeline.attacks.pgd import pgd_l2
-from pipeline.attacks.projection import normalised_l2
+from pipeline.attacks.projection import normalised_l2, project_minimal
 from pipeline.config import WHITE_BOX_ATTACKS
 
 ATTACK_NAMES = {"pgd": "PGD", "fgsm": "FGSM", "ifgsm": "I-FGSM", "cw": "CW-L2", "pgd_pr": "PGD-PR",
-                "pgd_fs": "PGD-FS", "adaptive": "adaptive"}
+                "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN"}
 THREAT_NAMES = {"gray_box": "gray", "black_box": "black", "white_box": "white"}
 
 
@@ -140,6 +141,9 @@ def craft(ctx: AttackContext, aset: AttackSet, x: torch.Tensor, y: torch.Tensor,
 
 def _craft_batch(ctx: AttackContext, aset: AttackSet, x, y, gen, start: int):
     spec, budget = aset.spec, aset.budget
+    if spec.name == "min_norm":
+        return _minimal(ctx, aset, x, start, "min_norm",
+                        lambda: _knn_min_norm(ctx, aset, x, y))
     if spec.name in WHITE_BOX_ATTACKS:
         return _white_box(ctx, aset, x, y, gen), {}
     model = ctx.source_model(spec.threat)
@@ -150,16 +154,38 @@ def _craft_batch(ctx: AttackContext, aset: AttackSet, x, y, gen, start: int):
     if spec.name == "ifgsm":
         return ifgsm_l2(model, x, y, budget, spec.steps), {}
     if spec.name == "cw":
-        # CW minimises the perturbation whatever the budget: search once per batch, then
-        # project for each budget of a sweep.
-        key = ("cw", spec.threat, json.dumps(spec.model_dump(exclude={"budget"}), sort_keys=True), start)
-        if key not in ctx._cache:
-            ctx._cache[key] = cw_l2_minimal(model, x, y, spec.steps, spec.lr, spec.binary_steps,
-                                            spec.c_init, spec.kappa)
-        adv, info = project_cw(ctx._cache[key], x, budget)
-        return adv, {"cw_success_rate": info["success_rate"],
-                     "cw_under_budget_rate": info["under_budget_rate"]}
+        return _minimal(ctx, aset, x, start, "cw", lambda: cw_l2_minimal(
+            model, x, y, spec.steps, spec.lr, spec.binary_steps, spec.c_init, spec.kappa))
     raise ValueError(f"unknown attack {spec.name!r}")
+
+
+def _minimal(ctx: AttackContext, aset: AttackSet, x, start: int, prefix: str, search):
+    """A minimum-norm attack (CW, min-norm kNN) does not depend on the budget: search once per
+    batch (and layer), then project for each budget of a sweep."""
+    key = (prefix, aset.threat, aset.layer, start,
+           json.dumps(aset.spec.model_dump(exclude={"budget"}), sort_keys=True))
+    if key not in ctx._cache:
+        ctx._cache[key] = search()
+    adv, info = project_minimal(ctx._cache[key], x, aset.budget)
+    return adv, {f"{prefix}_success_rate": info["success_rate"],
+                 f"{prefix}_under_budget_rate": info["under_budget_rate"]}
+
+
+def _vote_weights(ctx: AttackContext, weighting: str) -> torch.Tensor | None:
+    """Per-row CBW weights of the attack database's stored softmax (None for UW)."""
+    if weighting == "uw":
+        return None
+    from pipeline.defense.weighting import neighbour_weights
+
+    return torch.as_tensor(neighbour_weights(ctx.attack_db.softmax.numpy(), weighting, *ctx.cbw_d),
+                           dtype=torch.float32)
+
+
+def _knn_min_norm(ctx: AttackContext, aset: AttackSet, x, y) -> dict:
+    spec, db = aset.spec, ctx.attack_db
+    return knn_min_norm(ctx.feature_fn(aset.layer), x, y, db.features[aset.layer], db.labels,
+                        db.softmax, spec.k, spec.m, spec.steps, spec.step_size, spec.gamma,
+                        spec.temperature, _vote_weights(ctx, spec.weighting))
 
 
 def _white_box(ctx: AttackContext, aset: AttackSet, x, y, gen) -> torch.Tensor:
@@ -176,15 +202,9 @@ def _white_box(ctx: AttackContext, aset: AttackSet, x, y, gen) -> torch.Tensor:
         _, targets = choose_targets(feats, db.labels, query_feats, y, spec.m, gen, spec.target)
         return pgd_fs(feature_fn, x, targets, aset.budget, spec.steps, spec.step_size)
     # adaptive: attack the configured vote's weights (CBW weights of the stored softmax)
-    from pipeline.defense.weighting import neighbour_weights
-
-    weights = None
-    if spec.weighting != "uw":
-        weights = torch.as_tensor(neighbour_weights(db.softmax.numpy(), spec.weighting, *ctx.cbw_d),
-                                  dtype=torch.float32)
     return soft_knn_margin_attack(feature_fn, x, y, feats, db.softmax, aset.budget, spec.steps,
                                   spec.k, spec.temperature, spec.candidates, spec.step_size,
-                                  weights, spec.random_start, gen)
+                                  _vote_weights(ctx, spec.weighting), spec.random_start, gen)
 
 
 def set_statistics(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: AttackContext,
