@@ -2,8 +2,9 @@
 
 C1 the kNN defense keeps much more accuracy than no defense under gray-box PGD;
 C2 CBW-D >= CBW-E >= UW; C3 accuracy grows roughly log-linearly with database size;
-C4 PGD-FS and the adaptive attacks (soft-kNN margin, min-norm kNN) hurt the defense more than PGD; C5 black-box is weaker than
-gray-box. A claim whose conditions are not in the grid is left out.
+C4 PGD-FS and the adaptive attacks (soft-kNN margin, min-norm kNN) hurt the defense more than
+PGD; C5 black-box is weaker than gray-box. A claim whose conditions are not in the grid is left
+out.
 """
 
 from __future__ import annotations
