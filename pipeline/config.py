@@ -201,6 +201,9 @@ class _Attack(_Strict):
 
     budget: Budget | list[Budget] = 0.06
     batch_size: Annotated[int, Field(gt=0)] = 250
+    # Tells two entries of the same attack apart (e.g. two kappas): "min_norm.k05" in tables,
+    # columns and file names.
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] | None = None
 
     @property
     def budgets(self) -> list[float]:
@@ -286,19 +289,26 @@ class AdaptiveAttack(_WhiteBoxAttack):
 
 
 class MinNormAttack(_WhiteBoxAttack):
-    """Beyond the paper: minimum-norm attack on the kNN vote, pulling the features into the
-    neighbourhood of ``m`` guide samples of the nearest other class (Sitawarin & Wagner) under
-    an adaptive norm bound (FMN), then projected onto each budget: one run per layer serves a
-    whole budget sweep."""
+    """Beyond the paper: minimum-norm attack on the kNN vote under an adaptive norm bound (FMN),
+    then projected onto each budget: one run per layer serves a whole budget sweep. ``loss``:
+    ``guides`` pulls the features into the neighbourhood of ``m`` guide samples of the
+    ``targets`` nearest other classes (Sitawarin & Wagner); ``margin`` descends the
+    soft-neighbour-set vote margin (the adaptive attack's surrogate)."""
 
     name: Literal["min_norm"] = "min_norm"
+    loss: Literal["margin", "guides"] = "margin"
     steps: Annotated[int, Field(gt=0)] = 100
     step_size: Annotated[float, Field(gt=0)] = 0.1  # first step, relative to ||x||; cosine decay
     gamma: Annotated[float, Field(gt=0, lt=1)] = 0.05  # norm-bound adaptation rate
     k: Annotated[int, Field(gt=0)] = 50
     m: Annotated[int, Field(gt=0)] | None = None  # guides; default k
-    temperature: Annotated[float, Field(gt=0)] = 0.1  # softness of the guide hinge
+    targets: Annotated[int, Field(gt=0)] = 1  # guides: nearest other classes tried, best kept
+    temperature: Annotated[float, Field(gt=0)] = 0.1  # softness of the guide hinge / soft vote
     weighting: Literal["uw", "cbw_e", "cbw_d"] = "cbw_d"  # the vote that decides success
+    # Vote margin (o - t) / (o + t) an image needs on the attack database (o: best other
+    # class's score, t: the true class's): a minimal image sits on the attack database's
+    # decision boundary, and the larger defense database votes it back at kappa 0.
+    kappa: Annotated[float, Field(ge=0, lt=1)] = 0.6
 
 
 AttackSpec = Annotated[PgdAttack | FgsmAttack | IfgsmAttack | CwAttack | PgdPrAttack
@@ -345,6 +355,17 @@ class EvaluateSpec(_Strict):
     def _needs(self):
         if any(getattr(a, "threat", None) == "black_box" for a in self.attacks) and self.surrogate is None:
             raise ValueError("black_box attacks need evaluate.surrogate (the attacker's model)")
+        seen: dict[tuple, list] = {}
+        for a in self.attacks:
+            for budget in a.budgets:
+                key = (a.name, a.tag, a.threat, budget)
+                layers = getattr(a, "layers", None)
+                for other in seen.get(key, []):
+                    if layers is None or other is None or set(layers) & set(other):
+                        name = a.name + (f".{a.tag}" if a.tag else "")
+                        raise ValueError(f"two evaluate.attacks entries make the same set "
+                                         f"{name}-{a.threat}@{budget:g}: give one a `tag`")
+                seen.setdefault(key, []).append(layers)
         return self
 
     @property

@@ -13,14 +13,15 @@ from pipeline.attacks.gradient import fgsm_l2, fill_budget_step, ifgsm_l2, loss_
 from pipeline.attacks.knn_aware import (
     choose_targets,
     feature_fn_for,
-    hard_knn_scores,
     guide_radius,
+    hard_knn_scores,
     initial_neighbours,
     knn_min_norm,
     make_feature_fn,
     nearest,
     pgd_fs,
     pgd_pr,
+    score_margin,
     soft_knn_margin_attack,
     soft_knn_scores,
     soft_threshold_scores,
@@ -344,19 +345,22 @@ def test_adaptive_attack_beats_pgd_pr_on_the_knn_vote(band):
     assert (normalised_l2(tiny, x[:8]) <= budget + 1e-6).all()
 
 
-def test_min_norm_knn_attack_finds_minimal_adversarials_as_strong_as_the_adaptive_attack(band):
+@pytest.mark.parametrize("loss, kwargs", [("margin", {}), ("guides", {"targets": 3})])
+def test_min_norm_knn_attack_finds_minimal_adversarials_as_strong_as_the_adaptive_attack(
+        band, loss, kwargs):
     """One unbounded search gives every budget: an image whose minimal perturbation fits the
     budget fools the real kNN vote after projection, and the curve matches the budgeted
     adaptive attack's (a weaker min-norm search would sit above it)."""
     x, y = _batch(64, 9)
     k = 10
     result = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax,
-                          k=k, steps=100)
+                          k=k, loss=loss, **kwargs)
     mins = result["min_normalised_l2"]
-    assert torch.isfinite(mins).float().mean() >= 0.95
-    assert (result["target"] != y).all()
-    torch.testing.assert_close(normalised_l2(result["x"], x)[torch.isfinite(mins)],
-                               mins[torch.isfinite(mins)])
+    found = torch.isfinite(mins)
+    assert found.float().mean() >= 0.95
+    if loss == "guides":
+        assert (result["target"][found] != y[found]).all() and (result["target"][found] >= 0).all()
+    torch.testing.assert_close(normalised_l2(result["x"], x)[found], mins[found])
     assert ((result["x"] >= 0) & (result["x"] <= 1)).all()
     with torch.no_grad():
         idx = nearest(band.feature_fn(x), band.db_feats, k)
@@ -378,6 +382,24 @@ def test_min_norm_knn_attack_finds_minimal_adversarials_as_strong_as_the_adaptiv
         min_norm_acc = (clean_ok & ~fooled).float().mean().item()
         assert min_norm_acc <= adaptive_acc + 0.1, (budget, min_norm_acc, adaptive_acc)
     assert under == sorted(under) and under[-1] >= 0.8
+
+
+def test_min_norm_kappa_buys_a_vote_margin_at_a_larger_norm(band):
+    x, y = _batch(32, 11)
+    k, kappa = 10, 0.3
+    plain = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax, k=k)
+    safe = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax, k=k,
+                        kappa=kappa)
+    found = torch.isfinite(safe["min_normalised_l2"]) & torch.isfinite(plain["min_normalised_l2"])
+    assert found.float().mean() >= 0.9
+    with torch.no_grad():
+        idx = nearest(band.feature_fn(safe["x"]), band.db_feats, k)
+        margin = score_margin(hard_knn_scores(band.db_softmax[idx]), y)
+    true = hard_knn_scores(band.db_softmax[idx]).gather(1, y[:, None]).squeeze(1)
+    assert (margin[found] / (margin[found] + 2 * true[found]) > kappa).all()
+    assert safe["min_normalised_l2"][found].median() > plain["min_normalised_l2"][found].median()
+    with pytest.raises(ValueError, match="unknown loss"):
+        knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax, loss="x")
 
 
 def test_min_norm_knn_attack_moves_saturated_pixels(band):

@@ -79,9 +79,10 @@ def claims_report(rows: list[dict], ev, budget: float | None) -> dict:
     white = {t: {layer: at(t, layer, target=layer) for layer in layers}
              for t in ("PGD-FS white", "adaptive white", "min-norm kNN white")}
     white = {t: v for t, v in white.items() if any(a is not None for a in v.values())}
-    if white and gray:
-        cmp = {t: {layer: {"pgd_gray": gray[layer], t: acc} for layer, acc in v.items() if acc is not None}
-               for t, v in white.items()}
+    cmp = {t: {layer: {"pgd_gray": gray[layer], t: acc} for layer, acc in v.items()
+               if acc is not None and gray[layer] is not None} for t, v in white.items()}
+    cmp = {t: v for t, v in cmp.items() if v}
+    if cmp:
         holds = all(d[t] < d["pgd_gray"] for t, v in cmp.items() for d in v.values())
         claims["C4"] = {"claim": "PGD-FS and the adaptive attack hurt the defense more than PGD",
                         "by_attack": cmp, "holds": bool(holds)}

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.evaluate.grid import WEIGHTING_NAMES
-from pipeline.evaluate.suite import ATTACK_NAMES, THREAT_NAMES
+from pipeline.evaluate.suite import attack_title
 
 
 def title_of(row: dict) -> str:
     if row["attack"] in ("clean", "worst-case"):
         return row["attack"]
-    return f"{ATTACK_NAMES[row['attack']]} {THREAT_NAMES[row['threat']]}"
+    return attack_title(row["attack"], row["threat"])
 
 
 def defense_name(layer: str, rule: str) -> str:
@@ -75,6 +75,12 @@ def main_table(rows: list[dict], ev, budget: float | None) -> str:
     return "\n".join(lines)
 
 
+def aimed(row: dict) -> bool:
+    """A row of a transfer (gray/black-box) set, or of a white-box set aimed at the row's own
+    layer: the sets a per-layer curve should use."""
+    return not row["target_layer"] or row["target_layer"] == row["layer"]
+
+
 def sweep_table(rows: list[dict], ev, values: list, key: str, title: str, layer_rows: bool = True) -> str:
     """Accuracy of each defense (rows) against ``values`` of ``key`` (columns) for one condition."""
     lines = [f"| defense | layer | {' | '.join(f'{key} {v:g}' for v in values)} |",
@@ -120,13 +126,13 @@ def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str) -> st
         parts += [f"## Database {db}" + (f" ({size:,} images)" if size else ""), "",
                   main_table(db_rows, ev, budget), ""]
     primary = [r for r in rows if r["database"] == databases[0]]
-    for attack_title in dict.fromkeys(title_of(r) for r in primary if r["budget"]):
-        budgets = sorted({r["budget"] for r in primary if title_of(r) == attack_title})
+    for column in dict.fromkeys(title_of(r) for r in primary if r["budget"]):
+        budgets = sorted({r["budget"] for r in primary if title_of(r) == column})
         if len(budgets) > 1:
-            sel = [r for r in primary if title_of(r) == attack_title and not r["target_layer"]]
+            sel = [r for r in primary if title_of(r) == column and aimed(r)]
             if sel:
                 parts += [sweep_table(sel, ev, budgets, "budget",
-                                      f"### {attack_title}: accuracy vs budget ({databases[0]})"), ""]
+                                      f"### {column}: accuracy vs budget ({databases[0]})"), ""]
     if len(ev.all_ks) > 1:
         for cond in ("clean", "PGD gray"):
             sel = [r for r in primary if title_of(r) == cond and r["budget"] in (0.0, budget)
@@ -245,14 +251,14 @@ def write_plots(out: Path, rows: list[dict], ev) -> list[str]:
     ax.legend(fontsize=7)
     save(fig, "accuracy.png")
 
-    sweeps = [t for t in dict.fromkeys(title_of(r) for r in primary if r["budget"] and not r["target_layer"])
+    sweeps = [t for t in dict.fromkeys(title_of(r) for r in primary if r["budget"] and aimed(r))
               if len({r["budget"] for r in primary if title_of(r) == t}) > 1]
     if sweeps:
         fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.8), squeeze=False)
         for ax, t in zip(axes[0], sweeps, strict=True):
             for layer in ["none", *layers]:
                 w = "-" if layer == "none" else rule
-                sel = sorted([r for r in primary if title_of(r) == t and r["layer"] == layer
+                sel = sorted([r for r in primary if title_of(r) == t and r["layer"] == layer and aimed(r)
                               and r["weighting"] == w and r["k"] in (0, ev.k)], key=lambda r: r["budget"])
                 clean = _series(primary, attack="clean", layer=layer, weighting=w, k=0 if layer == "none" else ev.k)
                 sel = clean + sel

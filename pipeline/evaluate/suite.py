@@ -32,6 +32,12 @@ ATTACK_NAMES = {"pgd": "PGD", "fgsm": "FGSM", "ifgsm": "I-FGSM", "cw": "CW-L2", 
 THREAT_NAMES = {"gray_box": "gray", "black_box": "black", "white_box": "white"}
 
 
+def attack_title(attack: str, threat: str) -> str:
+    """Short column title: 'PGD gray', 'PGD-PR white', 'min-norm kNN k05 white' (tagged)."""
+    name, _, tag = attack.partition(".")
+    return " ".join(filter(None, (ATTACK_NAMES[name], tag, THREAT_NAMES[threat])))
+
+
 @dataclass(frozen=True)
 class AttackSet:
     """One adversarial set to craft: ``spec`` at ``budget`` (against ``layer`` if white-box)."""
@@ -42,7 +48,8 @@ class AttackSet:
 
     @property
     def attack(self) -> str:
-        return self.spec.name
+        """The attack's name, with its tag if it has one ("min_norm.k05")."""
+        return self.spec.name + (f".{self.spec.tag}" if self.spec.tag else "")
 
     @property
     def threat(self) -> str:
@@ -55,8 +62,7 @@ class AttackSet:
 
     @property
     def title(self) -> str:
-        """Short column title: 'PGD gray', 'PGD-PR white'."""
-        return f"{ATTACK_NAMES[self.attack]} {THREAT_NAMES[self.threat]}"
+        return attack_title(self.attack, self.threat)
 
     def fingerprint(self, *context) -> str:
         from pipeline.runtime.job import fingerprint
@@ -184,8 +190,10 @@ def _vote_weights(ctx: AttackContext, weighting: str) -> torch.Tensor | None:
 def _knn_min_norm(ctx: AttackContext, aset: AttackSet, x, y) -> dict:
     spec, db = aset.spec, ctx.attack_db
     return knn_min_norm(ctx.feature_fn(aset.layer), x, y, db.features[aset.layer], db.labels,
-                        db.softmax, spec.k, spec.m, spec.steps, spec.step_size, spec.gamma,
-                        spec.temperature, _vote_weights(ctx, spec.weighting))
+                        db.softmax, spec.k, loss=spec.loss, m=spec.m, targets=spec.targets,
+                        steps=spec.steps, step_size=spec.step_size, gamma=spec.gamma,
+                        temperature=spec.temperature, kappa=spec.kappa,
+                        db_weights=_vote_weights(ctx, spec.weighting))
 
 
 def _white_box(ctx: AttackContext, aset: AttackSet, x, y, gen) -> torch.Tensor:
