@@ -386,7 +386,7 @@ def test_min_norm_knn_attack_finds_minimal_adversarials_as_strong_as_the_adaptiv
 
 def test_min_norm_kappa_buys_a_vote_margin_at_a_larger_norm(band):
     x, y = _batch(32, 11)
-    k, kappa = 10, 0.3
+    k, kappa = 10, 0.2
     plain = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax, k=k)
     safe = knn_min_norm(band.feature_fn, x, y, band.db_feats, band.db_labels, band.db_softmax, k=k,
                         kappa=kappa)
