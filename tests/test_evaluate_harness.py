@@ -280,3 +280,18 @@ def test_variant_job_reuses_the_trained_classifier(tmp_path):
     assert variant.name == "j-IG-3k-All" and variant.subset.size == 3000
     assert variant.model.weights == str((tmp_path / "w.pt").resolve()) and not variant.model.trained_here
     assert variant.output_dir == str(tmp_path / "databases" / "IG-3k-All")
+
+
+def test_two_entries_of_one_attack_need_a_tag():
+    with pytest.raises(ValueError, match="same set pgd-gray_box@0.06: give one a `tag`"):
+        EvaluateSpec.model_validate({"attacks": [{"name": "pgd"}, {"name": "pgd", "steps": 50}]})
+    with pytest.raises(ValueError, match="same set min_norm-white_box@0.1"):
+        EvaluateSpec.model_validate({"attacks": [{"name": "min_norm", "budget": [0.05, 0.1]},
+                                                 {"name": "min_norm", "budget": 0.1, "layers": ["a"]}]})
+    spec = EvaluateSpec.model_validate({"attacks": [
+        {"name": "pgd"}, {"name": "pgd", "steps": 50, "tag": "long"},
+        {"name": "min_norm", "layers": ["a"]}, {"name": "min_norm", "layers": ["b"]}]})
+    sets = plan_sets(spec.attacks, ["a", "b"])
+    assert [s.label for s in sets] == ["pgd-gray_box@0.06", "pgd.long-gray_box@0.06",
+                                       "min_norm-white_box[a]@0.06", "min_norm-white_box[b]@0.06"]
+    assert sets[1].title == "PGD long gray" and sets[2].title == "min-norm kNN white"
