@@ -295,3 +295,7 @@ def test_two_entries_of_one_attack_need_a_tag():
     assert [s.label for s in sets] == ["pgd-gray_box@0.06", "pgd.long-gray_box@0.06",
                                        "min_norm-white_box[a]@0.06", "min_norm-white_box[b]@0.06"]
     assert sets[1].title == "PGD long gray" and sets[2].title == "min-norm kNN white"
+    # the tag names the set (label, file name) but is not a parameter of the attack: tagging
+    # an entry later reuses its crafted set
+    assert sets[1].fingerprint("ctx") == plan_sets(EvaluateSpec.model_validate(
+        {"attacks": [{"name": "pgd", "steps": 50}]}).attacks, [])[0].fingerprint("ctx")

@@ -67,7 +67,7 @@ class AttackSet:
     def fingerprint(self, *context) -> str:
         from pipeline.runtime.job import fingerprint
 
-        params = self.spec.model_dump(exclude={"budget", "layers", "batch_size"})
+        params = self.spec.model_dump(exclude={"budget", "layers", "batch_size", "tag"})
         return fingerprint(params, self.budget, self.layer, context, length=12)
 
 
