@@ -13,9 +13,10 @@ KNN and KNN-Based Models", 2020):
   relaxes the neighbour *set* with a sigmoid around the k-th distance (so other-class images
   just outside it pull), optimises a margin rather than a cross-entropy, and keeps the best
   iterate under the real (hard) vote;
-- :func:`knn_min_norm` (no budget) searches the smallest perturbation that moves the features
-  into the neighbourhood of guide samples of another class, CW-style, so one run gives the
-  whole accuracy-vs-budget curve (:func:`pipeline.attacks.projection.project_minimal`).
+- :func:`knn_min_norm` (no budget) searches the smallest perturbation that fools the vote
+  (descending the soft vote margin, or pulling the features towards guide samples of another
+  class) under an adaptive norm bound (FMN), so one run gives the whole accuracy-vs-budget
+  curve (:func:`pipeline.attacks.projection.project_minimal`).
 
 Every budgeted attack takes images in [0, 1] and a per-image normalised L2 budget and returns
 images inside {||x* - x|| <= budget * ||x||} ∩ [0, 1], enforced by the exact projection.
@@ -340,8 +341,9 @@ def knn_min_norm(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor, db_fea
     still move. Success is judged by the hard vote: over the K nearest database rows (CBW
     ``db_weights`` [M] if given) the best other class's score o beats y's score t by
     (o - t) / (o + t) > ``kappa`` (a margin makes the result survive a different database,
-    e.g. the full defense database when the attacker holds a sample of it). The smallest success is then pulled back towards ``x``
-    as far as it stays adversarial (:func:`shrink_towards`).
+    e.g. the full defense database when the attacker holds a sample of it). The smallest
+    success is then pulled back towards ``x`` as far as it stays adversarial
+    (:func:`shrink_towards`).
 
     Returns ``x`` (per image the smallest adversarial image found, else the last iterate of
     the first search), ``min_normalised_l2`` (inf where none was found) and ``target`` (the
@@ -361,13 +363,13 @@ def knn_min_norm(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor, db_fea
         # 10-class classifier and a diffuse 1000-class one.
         return margin > kappa * (margin + 2 * true)
 
+    if loss not in ("margin", "guides"):
+        raise ValueError(f"unknown loss {loss!r}; use margin or guides")
     with torch.no_grad():
         clean_feats = feature_fn(x)
     best, best_norm, fallback = x.clone(), torch.full((len(x),), float("inf")), None
     reached = torch.full((len(x),), -1, dtype=torch.long)
-    tried = torch.empty((len(x), 0), dtype=torch.long)
-    if loss not in ("margin", "guides"):
-        raise ValueError(f"unknown loss {loss!r}; use margin or guides")
+    tried = torch.empty((len(x), 0), dtype=torch.long)  # guide classes already searched
     for _ in range(1 if loss == "margin" else targets):
         if loss == "margin":
             target = torch.full_like(y, -1)
