@@ -206,6 +206,7 @@ def test_harness_resumes_without_recomputing_written_cells(toy, tmp_path, monkey
     monkeypatch.undo()
     third = _grid(toy, tmp_path, _spec([{"name": "pgd", "steps": 3, "budget": 0.1}]))
     assert third["sets_crafted"] == 1
+    assert third["cells_evaluated"] == 1  # the new set's predictions, not its predecessor's
 
 
 def test_evaluate_spec_and_experiment_validation(tmp_path):

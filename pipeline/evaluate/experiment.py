@@ -340,8 +340,10 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
     sets = plan_sets(ev.attacks, layers)
     adversarial, set_stats, crafted = {}, [], 0
     bar = tqdm(total=len(sets) * len(x), desc="attacks", unit="img", disable=not progress)
+    set_fps = {"clean": "clean"}  # condition -> fingerprint of the images its cells evaluate
     for aset in sets:
-        path = out / "sets" / f"{aset.label}-{aset.fingerprint(context_fp)}.npz"
+        set_fps[aset.label] = aset.fingerprint(context_fp)
+        path = out / "sets" / f"{aset.label}-{set_fps[aset.label]}.npz"
         if path.is_file():
             with np.load(path) as saved:
                 adversarial[aset.label] = torch.from_numpy(saved["x"])
@@ -372,7 +374,9 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
         db_defenses = defenses if db.defense is not None else [NONE]
         preds_by_cond = {}
         for cond, label, images in conditions:
-            path = out / "cells" / db.label / f"{label}-{grid_fp}-{db.fingerprint}.npz"
+            # the set's own fingerprint too: a re-crafted set (changed attack settings, same
+            # label) must not reuse the predictions made on its predecessor
+            path = out / "cells" / db.label / f"{label}-{set_fps[label]}-{grid_fp}-{db.fingerprint}.npz"
             if path.is_file():
                 with np.load(path) as saved:
                     preds = saved["preds"]
