@@ -99,15 +99,19 @@ if mode == "rss":  # the pipeline alone, as a worker runs it: its peak RSS
     sys.exit()
 images = np.stack([s.image for s in iter_samples(tar, ShardStats(), **decode)])
 n = len(images)
-runs = {"bare": [], "pipeline_w0": [], "pipeline_w2": []}
-for _ in range(repeats):  # interleaved, same process, same machine state
+def bare():
     t = time.perf_counter()
     with torch.inference_mode():
         for s in range(0, n, 32):
             model(images_to_tensor(images[s:s + 32]))
-    runs["bare"].append(n / (time.perf_counter() - t))
+    return n / (time.perf_counter() - t)
+# Interleaved in one process, each pair of pipeline runs bracketed by bare runs (bare, w0, w2,
+# bare, w0, w2, bare): a machine that drifts during a long shard moves both sides of a ratio.
+runs = {"bare": [bare()], "pipeline_w0": [], "pipeline_w2": []}
+for _ in range(repeats):
     runs["pipeline_w0"].append(pipeline(0))
     runs["pipeline_w2"].append(pipeline(2))
+    runs["bare"].append(bare())
 print(json.dumps({**runs, "n": n}))
 """
 
@@ -129,13 +133,17 @@ def run_config(arch: str, layers: list[str], n: int, repeats: int, tmp: Path) ->
     r = _child(arch, layers, tar, tmp, repeats, "ratio")
     rss = _child(arch, layers, tar, tmp, 1, "rss")
     med = {k: float(np.median(v)) for k, v in r.items() if k != "n"}
+    # each repeat's pipeline rate over the mean of the bare runs just before and after it
+    brackets = [(a + b) / 2 for a, b in zip(r["bare"][:-1], r["bare"][1:], strict=True)]
+    ratio = {w: round(float(np.median([p / b for p, b in zip(r[f"pipeline_{w}"], brackets, strict=True)])), 3)
+             for w in ("w0", "w2")}
     return {"arch": arch, "layers": layers, "images": r["n"], "batch_size": BATCH,
             "repeats": repeats, "bare_forward_img_per_s": round(med["bare"], 2),
+            "bare_runs_img_per_s": [round(b, 2) for b in r["bare"]],
             "pipeline_img_per_s": {"decode_workers_0": round(med["pipeline_w0"], 2),
                                    "decode_workers_2": round(med["pipeline_w2"], 2)},
-            "ratio_pipeline_over_bare": {
-                "decode_workers_0": round(med["pipeline_w0"] / med["bare"], 3),
-                "decode_workers_2": round(med["pipeline_w2"] / med["bare"], 3)},
+            "ratio_pipeline_over_bare": {"decode_workers_0": ratio["w0"],
+                                         "decode_workers_2": ratio["w2"]},
             "pipeline_worker_peak_rss_mb": round(rss["peak_rss_mb"])}
 
 
@@ -155,7 +163,8 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     doc = {"benchmark": "extraction P1", "input": "JPEG q90, 256 px short side, from foolbox's "
            "ImageNet samples",
-           "note": "bare: plain forward on pre-decoded tensors; pipeline: extract_shard on the tar. "
+           "note": "bare: plain forward on pre-decoded tensors; pipeline: extract_shard on the tar; "
+           "ratio: each pipeline run over the mean of the bare runs just before and after it. "
            "pipeline_worker_peak_rss_mb: a fresh process running only extract_shard (as a Ray "
            "worker does), with the no-trim allocator settings the workers get",
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -15,7 +15,7 @@ from pipeline.config import parse_job
 from pipeline.data.fashion_mnist import encode_image, write_split_shards
 from pipeline.defense.classifier import DefendedClassifier
 from pipeline.features.backbones import SmallResNet
-from pipeline.features.extract import extract_shard
+from pipeline.features.extract import extract_shard, read_metadata
 from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
 from pipeline.index.faiss_index import all_ids, load_index
@@ -95,7 +95,7 @@ def test_parquet_shard_contract(finished_job):
     assert table.column("id").to_pylist()[:2] == [1 << 24, (1 << 24) + 1]
     softmax = np.stack(table.column("softmax").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert np.allclose(softmax.sum(1), 1, atol=1e-2)
-    meta = __import__("json").loads(table.schema.metadata[b"knn_defense"])
+    meta = read_metadata(layout.features_file(1))  # the file's key-value metadata
     assert meta["stats"]["skipped"] == {"corrupt_image": 1}
     assert set(meta["transform_sha256"]) == set(LAYERS) and len(meta["weights_sha256"]) == 64
 
@@ -243,3 +243,30 @@ def test_experiment_over_two_databases_with_white_box_attacks(finished_job, tmp_
     assert model_info["sha256"] == __import__("json").loads(layout.model_info.read_text())["sha256"]
     again = runner.invoke(main, ["evaluate", str(exp_yaml), "--no-progress"])
     assert again.exit_code == 0 and "0 adversarial set(s) crafted, 0 cell(s)" in again.output
+
+
+def test_shard_is_streamed_in_row_groups_with_the_same_content(tmp_path):
+    """flush_rows bounds what a worker holds: a long shard is written in several row groups,
+    ids numbered across them, and the file equals the one written in a single group."""
+    images, labels = synthetic_images(100, seed=2)
+    write_split_shards(images, labels, tmp_path / "db", "train", samples_per_shard=100)
+    _append_corrupt_sample(tmp_path / "db" / "00000.tar", "bad")
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    transforms = {"conv_4_2": LayerTransform("avg", fit_pca(np.random.default_rng(0).normal(size=(50, 128)), 8))}
+    tables = {}
+    for flush_rows in (24, 10**6):
+        out = tmp_path / f"rows-{flush_rows}.parquet"
+        result = extract_shard(model, transforms, str(tmp_path / "db" / "00000.tar"), 3,
+                               str(out), layers=["conv_4_2"], batch_size=16,
+                               decode={"channels": 1}, max_pixels=10**8, provenance={"p": 1},
+                               flush_rows=flush_rows)
+        assert result["written"] == 100 and result["skipped"] == {"corrupt_image": 1}
+        tables[flush_rows] = pq.read_table(out)
+        groups = pq.ParquetFile(out).metadata.num_row_groups
+        assert groups == (4 if flush_rows == 24 else 1)  # 32, 32, 32, 4: pairs of 16-image batches
+        meta = read_metadata(out)
+        assert meta["p"] == 1 and meta["stats"]["skipped_keys"] == [["bad", "corrupt_image"]]
+    streamed, whole = tables[24], tables[10**6]
+    assert streamed.equals(whole)
+    assert streamed.column("id").to_pylist() == [(3 << 24) + i for i in range(100)]

@@ -92,56 +92,106 @@ def _fixed_list(values: np.ndarray, dtype=None) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
+class ShardWriter:
+    """A features shard streamed to ``<out>.tmp`` in row groups of ``flush_rows`` (so a worker
+    holds at most that many rows, however long the shard) and renamed to ``out`` by
+    :meth:`close`; :meth:`abort` (any exception) removes the temp file, so a crash mid-shard
+    leaves no file under the final name. Ids are the rows' positions, numbered as written."""
+
+    def __init__(self, out_path: str | os.PathLike, shard_index: int, layers, transforms: dict,
+                 num_classes: int, flush_rows: int = 4096):
+        self.out_path = Path(out_path)
+        self.tmp = self.out_path.with_name(self.out_path.name + ".tmp")
+        self.shard_index, self.layers, self.flush_rows = shard_index, list(layers), flush_rows
+        fields = [("key", pa.string()), ("id", pa.int64()), ("label", pa.int32())]
+        for name in self.layers:
+            empty = transforms[name].encode(np.zeros((0, transforms[name].dim), np.float32))
+            fields.append((name, pa.list_(pa.from_numpy_dtype(empty.dtype), empty.shape[1])))
+        fields.append(("softmax", pa.list_(pa.float16(), num_classes)))
+        self.schema = pa.schema(fields)
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        self._pending: list[dict] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def add(self, keys: list[str], labels: list[int], codes: dict[str, np.ndarray],
+            softmax: np.ndarray) -> None:
+        self._pending.append({"key": keys, "label": labels, "softmax": softmax.astype(np.float16),
+                              **codes})
+        self._pending_rows += len(keys)
+        if self._pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        parts, self._pending, n = self._pending, [], self._pending_rows
+        self._pending_rows = 0
+        keys = [k for p in parts for k in p["key"]]
+        columns = {"key": pa.array(keys, pa.string()),
+                   "id": pa.array(make_ids(self.shard_index, np.arange(self.rows, self.rows + n)),
+                                  pa.int64()),
+                   "label": pa.array([v for p in parts for v in p["label"]], pa.int32())}
+        for name in [*self.layers, "softmax"]:
+            columns[name] = _fixed_list(np.concatenate([p[name] for p in parts]))
+        self._writer.write_table(pa.table(columns, schema=self.schema))
+        self.rows += n
+
+    def close(self, metadata: dict) -> int:
+        """Flush, record ``metadata`` (JSON, under ``META_KEY``), rename; returns the rows."""
+        self._flush()
+        self._writer.add_key_value_metadata({META_KEY: json.dumps(metadata).encode()})
+        self._writer.close()
+        os.replace(self.tmp, self.out_path)
+        return self.rows
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out_path: str,
                   *, layers, batch_size: int | str, decode: dict,
                   max_pixels: int, provenance: dict,
-                  num_threads: int | None = None, only_keys=None, decode_workers: int = 2) -> dict:
+                  num_threads: int | None = None, only_keys=None, decode_workers: int = 2,
+                  flush_rows: int = 4096) -> dict:
     """Write ``out_path`` (Parquet: key, id, label, one column per layer holding its stored
     codes, softmax) for one shard, with ``transforms`` = {layer: LayerTransform},
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
     ``decode_workers`` threads decode up to two batches ahead, so the model is not starved.
-    Written to a temp name and renamed, so a crash leaves no half-written file."""
+    Streamed in row groups of ``flush_rows`` to a temp name and renamed at the end
+    (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
     batch_size = auto_batch_size(model, batch_size)
     stats = ShardStats(record_keys=True)
-    keys, labels, feats, probs = [], [], {name: [] for name in layers}, []
     samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
                            workers=decode_workers, lookahead=2 * batch_size, **decode)
-    for batch in batches(samples, batch_size):
-        x = images_to_tensor(np.stack([s.image for s in batch]))
-        pooled, softmax = forward_features(model, x, layers, stack_poolers(transforms))
-        for name, v in pooled.items():
-            feats[name].append(transforms[name].encode(transforms[name].project(v)))
-        probs.append(softmax)
-        keys += [s.key for s in batch]
-        labels += [-1 if s.label is None else s.label for s in batch]
-    ids = make_ids(shard_index, np.arange(len(keys)))
-    columns = {"key": pa.array(keys, pa.string()), "id": pa.array(ids, pa.int64()),
-               "label": pa.array(labels, pa.int32())}
-    num_classes = model.num_classes
-    for name in layers:
-        stack = transforms[name]
-        empty = stack.encode(np.zeros((0, stack.dim), np.float32))
-        columns[name] = _fixed_list(np.concatenate(feats[name]) if feats[name] else empty)
-    p = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
-    columns["softmax"] = _fixed_list(p, np.float16)
-    meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
-                storage={n: transforms[n].storage for n in layers},
-                pooling={n: transforms[n].pooling for n in layers},
-                code_version=__version__, stats=stats.as_dict())
-    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_path)
+    writer = ShardWriter(out_path, shard_index, layers, transforms, model.num_classes, flush_rows)
+    try:
+        for batch in batches(samples, batch_size):
+            x = images_to_tensor(np.stack([s.image for s in batch]))
+            pooled, softmax = forward_features(model, x, layers, stack_poolers(transforms))
+            codes = {name: transforms[name].encode(transforms[name].project(v))
+                     for name, v in pooled.items()}
+            writer.add([s.key for s in batch], [-1 if s.label is None else s.label for s in batch],
+                       codes, softmax)
+        meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
+                    storage={n: transforms[n].storage for n in layers},
+                    pooling={n: transforms[n].pooling for n in layers},
+                    code_version=__version__, stats=stats.as_dict())
+        written = writer.close(meta)
+    except BaseException:
+        writer.abort()
+        raise
     counts = {k: v for k, v in stats.as_dict().items() if k != "skipped_keys"}
-    return {"shard_index": shard_index, "written": table.num_rows, **counts}
+    return {"shard_index": shard_index, "written": written, **counts}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    return json.loads(pq.read_schema(path).metadata[META_KEY])
+    """A shard's provenance and stats (the file's key-value metadata)."""
+    return json.loads(pq.read_metadata(path).metadata[META_KEY])
 
 
 def read_column(path: str | os.PathLike, column: str) -> np.ndarray:
