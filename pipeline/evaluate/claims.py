@@ -84,7 +84,7 @@ def claims_report(rows: list[dict], ev, budget: float | None) -> dict:
     cmp = {t: v for t, v in cmp.items() if v}
     if cmp:
         holds = all(d[t] < d["pgd_gray"] for t, v in cmp.items() for d in v.values())
-        claims["C4"] = {"claim": "PGD-FS and the adaptive attack hurt the defense more than PGD",
+        claims["C4"] = {"claim": "PGD-FS and the adaptive attacks hurt the defense more than PGD",
                         "by_attack": cmp, "holds": bool(holds)}
     transfer = {}
     for attack in ("PGD", "FGSM", "I-FGSM", "CW-L2"):
