@@ -556,8 +556,18 @@ def load_job(path: str | os.PathLike, overrides: dict | None = None, *,
     work. ``check_inputs=False`` skips the checks that need the data and weights to be here
     (a spec written for a cluster)."""
     path = Path(path)
+    raw = read_spec_file(path, "job spec", overrides)
+    spec = parse_job(raw, str(path))
+    if check_inputs:
+        check_paths(spec, str(path))
+    return spec
+
+
+def read_spec_file(path: Path, what: str, overrides: dict | None = None):
+    """The YAML document of a spec file (job or experiment) with ``overrides`` (dotted keys)
+    applied when it is a mapping; a missing file or bad YAML is a one-line ConfigError."""
     if not path.is_file():
-        raise ConfigError(f"{path}: job spec not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -565,10 +575,7 @@ def load_job(path: str | os.PathLike, overrides: dict | None = None, *,
     if isinstance(raw, dict):
         for dotted, value in (overrides or {}).items():
             _set_dotted(raw, dotted, value)
-    spec = parse_job(raw, str(path))
-    if check_inputs:
-        check_paths(spec, str(path))
-    return spec
+    return raw
 
 
 def _set_dotted(raw: dict, dotted: str, value) -> None:

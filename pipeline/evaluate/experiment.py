@@ -35,8 +35,8 @@ from pipeline.config import (
     ModelSpec,
     SubsetSpec,
     _problems,
-    _set_dotted,
     _Strict,
+    read_spec_file,
 )
 from pipeline.evaluate.grid import (
     NONE,
@@ -108,16 +108,9 @@ def load_experiment(path: str | os.PathLike, overrides: dict | None = None) -> E
     """Read and validate an experiment file; relative paths in it are relative to the current
     directory, as in job files. Raises ConfigError (one line) before any work."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: experiment file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = read_spec_file(path, "experiment file", overrides)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment must be a YAML mapping")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
