@@ -178,13 +178,18 @@ def _minimal(ctx: AttackContext, aset: AttackSet, x, start: int, prefix: str, se
 
 
 def _vote_weights(ctx: AttackContext, weighting: str) -> torch.Tensor | None:
-    """Per-row CBW weights of the attack database's stored softmax (None for UW)."""
+    """Per-row CBW weights of the attack database's stored softmax (None for UW), computed once
+    per context: every batch of every white-box set votes over the same database."""
     if weighting == "uw":
         return None
-    from pipeline.defense.weighting import neighbour_weights
+    key = ("vote_weights", weighting)
+    if key not in ctx._cache:
+        from pipeline.defense.weighting import neighbour_weights
 
-    return torch.as_tensor(neighbour_weights(ctx.attack_db.softmax.numpy(), weighting, *ctx.cbw_d),
-                           dtype=torch.float32)
+        ctx._cache[key] = torch.as_tensor(
+            neighbour_weights(ctx.attack_db.softmax.numpy(), weighting, *ctx.cbw_d),
+            dtype=torch.float32)
+    return ctx._cache[key]
 
 
 def _knn_min_norm(ctx: AttackContext, aset: AttackSet, x, y) -> dict:
