@@ -105,9 +105,11 @@ def attack_notes(attacks: list[dict]) -> list[str]:
         if "transfer_rate" in s:
             extra += (f", surrogate error rate {s['surrogate_error_rate']:.3f}, transfer rate "
                       f"{s['transfer_rate']:.3f}")
-        if "cw_under_budget_rate" in s:
-            extra += (f", CW found an adversarial image for {s['cw_success_rate']:.3f}, its minimal "
-                      f"one was within the budget for {s['cw_under_budget_rate']:.3f}")
+        for prefix, name in (("cw", "CW"), ("min_norm", "the min-norm search")):
+            if f"{prefix}_under_budget_rate" in s:  # minimum-norm attacks, then projected
+                extra += (f", {name} found an adversarial image for "
+                          f"{s[f'{prefix}_success_rate']:.3f}, its minimal one was within the "
+                          f"budget for {s[f'{prefix}_under_budget_rate']:.3f}")
         notes.append(f"- {s['condition']}: budget {s['budget']:g}, achieved normalised L2 mean "
                      f"{s['achieved_l2_mean']:.4f} (max {s['achieved_l2_max']:.4f}), pixels in "
                      f"[0,1]: {s['pixels_in_range']}, undefended error rate "
