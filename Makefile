@@ -8,10 +8,12 @@ EXTRAS ?= cpu,dev
 FASHION_MNIST_DIR ?= $(or $(KNN_DEFENSE_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 PYTEST_ARGS ?=
 
-# Local Ray binds 127.0.0.1 only; glibc allocator settings that avoid page-fault storms in torch.
+# Local Ray binds 127.0.0.1 only; glibc allocator settings that avoid page-fault storms in torch,
+# and huge pages for torch's large CPU tensors (pipeline/runtime/ray_runner.py WORKER_ENV).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
+export THP_MEM_ALLOC_ENABLE := 1
 export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
 
 .PHONY: help setup data demo test test-fast lint bench imagenet-samples reproduce clean

@@ -6,8 +6,8 @@ pipeline img/s  = the features stage's `extract_shard` on a tar of 256-px-short-
 bare img/s      = the same model's plain forward on the same images already decoded to tensors
 ratio           = pipeline / bare  (target >= 0.90 on the 2-core CPU machine)
 
-Each configuration runs in a fresh child process (so its peak RSS is its own), with the glibc
-allocator settings the Ray workers get. Images: random crops/flips/scales of the 20 labelled
+Each configuration runs in a fresh child process (so its peak RSS is its own), with the allocator
+settings the Ray workers get (WORKER_ENV). Images: random crops/flips/scales of the 20 labelled
 ImageNet photos that foolbox ships, re-encoded as JPEG (quality 90) at 256 px short side.
 Writes benchmarks/results/extraction.json.
 """
@@ -117,7 +117,9 @@ print(json.dumps({**runs, "n": n}))
 
 
 def _child(arch: str, layers: list[str], tar: Path, tmp: Path, repeats: int, mode: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
+    from pipeline.runtime.ray_runner import WORKER_ENV  # both sides run as a Ray worker would
+
+    env = dict(os.environ, **WORKER_ENV)
     out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), arch, ",".join(layers), str(tar),
                           str(tmp / "out.parquet"), str(repeats), mode],
                          env=env, capture_output=True, text=True)
@@ -166,7 +168,7 @@ def main() -> None:
            "note": "bare: plain forward on pre-decoded tensors; pipeline: extract_shard on the tar; "
            "ratio: each pipeline run over the mean of the bare runs just before and after it. "
            "pipeline_worker_peak_rss_mb: a fresh process running only extract_shard (as a Ray "
-           "worker does), with the no-trim allocator settings the workers get",
+           "worker does), with the allocator settings the workers get (WORKER_ENV)",
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "results": results}
     out.parent.mkdir(exist_ok=True)

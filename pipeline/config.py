@@ -143,6 +143,9 @@ class FeaturesSpec(_Strict):
     # images per forward; "auto": from free GPU memory (a probe forward), or by input size on CPU
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     decode_workers: Annotated[int, Field(ge=0)] = 2  # decode threads per extraction task
+    # pil: Pillow in decode_workers threads; torchvision: torchvision.io on the model's device
+    # (nvJPEG on a GPU); auto: torchvision when the model is on a GPU, else pil.
+    decode_backend: Literal["auto", "pil", "torchvision"] = "auto"
 
     @model_validator(mode="after")
     def _layers(self):

@@ -218,8 +218,8 @@ def _member_filter(decode: bool, keys: Container[str] | None, meta_exts: Contain
     return wanted
 
 
-def _decode_or_reason(data: bytes, max_pixels: int, channels: int, size: int | None,
-                      resize: int | None, interpolation: str):
+def decode_or_reason(data: bytes, max_pixels: int, channels: int, size: int | None,
+                     resize: int | None, interpolation: str):
     """(image, None) or (None, (skip reason, detail)); safe to run in decode threads."""
     try:
         return decode_image(data, max_pixels, channels, size, resize, interpolation), None
@@ -263,6 +263,14 @@ def _parsed_samples(url: str, stats: ShardStats, decode: bool, keys, meta_exts
         yield Sample(key=key, image=None, label=label, meta=meta, caption=caption), raw[ext]
 
 
+def iter_encoded(url: str, stats: ShardStats, *, keys: Container[str] | None = None,
+                 meta_exts: Container[str] = META_EXTS) -> Iterator[tuple[Sample, bytes]]:
+    """Samples of one shard with their image bytes still encoded (for a batch decoder on a GPU,
+    ``pipeline.features.tensor_decode``): the same reading, key filter and skips as
+    :func:`iter_samples`, which the caller completes by counting ``stats.decoded`` or skipping."""
+    yield from _parsed_samples(url, stats, True, keys, meta_exts)
+
+
 def iter_samples(
     url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
     max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
@@ -293,14 +301,14 @@ def iter_samples(
 
     if workers <= 0:
         for sample, data in parsed:
-            if (done := finish(sample, _decode_or_reason(data, *args))) is not None:
+            if (done := finish(sample, decode_or_reason(data, *args))) is not None:
                 yield done
         return
     pending: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         try:
             for sample, data in parsed:
-                pending.append((sample, pool.submit(_decode_or_reason, data, *args)))
+                pending.append((sample, pool.submit(decode_or_reason, data, *args)))
                 while len(pending) > lookahead:
                     sample0, future = pending.popleft()
                     if (done := finish(sample0, future.result())) is not None:

@@ -11,10 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
-from pipeline.data.shards import ShardStats, iter_samples
+from pipeline.data.shards import ShardStats, iter_encoded, iter_samples
 from pipeline.features.backbones import images_to_tensor, pool
+from pipeline.features.tensor_decode import decode_batch, resolve_backend
 from pipeline.ids import make_ids
 
 META_KEY = b"knn_defense"
@@ -34,7 +36,9 @@ def forward_taps(model, x01: torch.Tensor, layers) -> tuple[torch.Tensor, dict[s
     device = next(model.parameters()).device
     if device.type != "cuda":
         return model.forward_taps(x01, layers)
-    x01 = x01.pin_memory().to(device, non_blocking=True, memory_format=torch.channels_last)
+    if x01.device != device:  # decoded on the GPU already (tensor_decode) or not
+        x01 = x01.pin_memory().to(device, non_blocking=True)
+    x01 = x01.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         return model.forward_taps(x01, layers)
 
@@ -85,6 +89,37 @@ def batches(samples: Iterator, batch_size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def _label(label: int | None) -> int:
+    return -1 if label is None else label
+
+
+def pil_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
+                max_pixels: int, only_keys=None, workers: int = 2
+                ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
+    """(keys, labels, [B, C, H, W] images in [0, 1]) decoded by Pillow in ``workers`` threads
+    up to two batches ahead, so decoding overlaps the forward pass."""
+    samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
+                           workers=workers, lookahead=2 * batch_size, **decode)
+    for batch in batches(samples, batch_size):
+        yield ([s.key for s in batch], [_label(s.label) for s in batch],
+               images_to_tensor(np.stack([s.image for s in batch])))
+
+
+def tensor_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
+                   max_pixels: int, device, only_keys=None
+                   ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
+    """The same batches decoded by torchvision on ``device`` (nvJPEG on a GPU); a batch is
+    shorter by the images skipped in it."""
+    for batch in batches(iter_encoded(shard_url, stats, keys=only_keys), batch_size):
+        x, kept, skipped = decode_batch([data for _, data in batch], device,
+                                        max_pixels=max_pixels, **decode)
+        for i, reason, detail in skipped:
+            stats.skip(reason, batch[i][0].key, detail)
+        stats.decoded += len(kept)
+        if kept:
+            yield [batch[i][0].key for i in kept], [_label(batch[i][0].label) for i in kept], x
 
 
 def _fixed_list(values: np.ndarray, dtype=None) -> pa.FixedSizeListArray:
@@ -155,28 +190,35 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
                   *, layers, batch_size: int | str, decode: dict,
                   max_pixels: int, provenance: dict,
                   num_threads: int | None = None, only_keys=None, decode_workers: int = 2,
-                  flush_rows: int = 4096) -> dict:
+                  decode_backend: str = "auto", flush_rows: int = 4096) -> dict:
     """Write ``out_path`` (Parquet: key, id, label, one column per layer holding its stored
     codes, softmax) for one shard, with ``transforms`` = {layer: LayerTransform},
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
-    ``decode_workers`` threads decode up to two batches ahead, so the model is not starved.
-    Streamed in row groups of ``flush_rows`` to a temp name and renamed at the end
-    (:class:`ShardWriter`), so a crash leaves no half-written file."""
+    Images are decoded by Pillow in ``decode_workers`` threads up to two batches ahead, so the
+    model is not starved, or by torchvision on the model's device (``decode_backend``; ``auto``:
+    nvJPEG when the model is on a GPU). Streamed in row groups of ``flush_rows`` to a temp name
+    and renamed at the end (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
     batch_size = auto_batch_size(model, batch_size)
     stats = ShardStats(record_keys=True)
-    samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
-                           workers=decode_workers, lookahead=2 * batch_size, **decode)
+    device = next(model.parameters()).device
+    source = dict(decode=decode, max_pixels=max_pixels, only_keys=only_keys)
+    if resolve_backend(decode_backend, device) == "torchvision":
+        decoded = tensor_batches(shard_url, stats, batch_size, device=device, **source)
+    else:
+        decoded = pil_batches(shard_url, stats, batch_size, workers=decode_workers, **source)
     writer = ShardWriter(out_path, shard_index, layers, transforms, model.num_classes, flush_rows)
+    # numpy's OpenBLAS (the PCA projection) would otherwise leave its own threads spinning after
+    # each small matmul, stealing the cores torch's forward runs on: 20% of the throughput on
+    # 2 cores (benchmarks/extraction.py). One BLAS thread is plenty for a [batch, C] x [C, 256].
+    blas_limit = threadpool_limits(limits=1, user_api="blas")
     try:
-        for batch in batches(samples, batch_size):
-            x = images_to_tensor(np.stack([s.image for s in batch]))
+        for keys, labels, x in decoded:
             pooled, softmax = forward_features(model, x, layers, stack_poolers(transforms))
             codes = {name: transforms[name].encode(transforms[name].project(v))
                      for name, v in pooled.items()}
-            writer.add([s.key for s in batch], [-1 if s.label is None else s.label for s in batch],
-                       codes, softmax)
+            writer.add(keys, labels, codes, softmax)
         meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
                     storage={n: transforms[n].storage for n in layers},
                     pooling={n: transforms[n].pooling for n in layers},
@@ -185,6 +227,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     except BaseException:
         writer.abort()
         raise
+    finally:
+        blas_limit.restore_original_limits()
     counts = {k: v for k, v in stats.as_dict().items() if k != "skipped_keys"}
     return {"shard_index": shard_index, "written": written, **counts}
 

@@ -119,7 +119,8 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
                          str(layout.features_file(shard_index)), layers=fs.layers,
                          batch_size=fs.batch_size, decode=decode_args(model),
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
-                         num_threads=num_threads, only_keys=only, decode_workers=fs.decode_workers)
+                         num_threads=num_threads, only_keys=only, decode_workers=fs.decode_workers,
+                         decode_backend=fs.decode_backend)
 
 
 def _search_vectors(feature_file: str, layer: str, job_dir: str) -> np.ndarray:

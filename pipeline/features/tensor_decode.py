@@ -1,0 +1,118 @@
+"""Batch image decoding with ``torchvision.io`` on the model's device: nvJPEG on a GPU, so a GPU
+node's few CPU cores only read tars. Resize and centre crop run there too, with the same sizes
+and rounding to uint8 levels as the CPU path (``pipeline.data.shards.decode_image``); pixels differ
+from Pillow's by a few levels (full-resolution decode, torch's antialiased kernels). Images that
+are not JPEG, or that torchvision cannot decode, go through the CPU path, which also names the
+reason a sample is skipped."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.shards import decode_or_reason
+
+BACKENDS = ("auto", "pil", "torchvision")
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``auto``: torchvision (nvJPEG) when the model runs on a GPU, else Pillow in decode threads,
+    which overlap the forward pass on CPU."""
+    if requested not in BACKENDS:
+        raise ValueError(f"decode backend {requested!r}: use one of {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return "torchvision" if device.type == "cuda" else "pil"
+    return requested
+
+
+def _header(data: bytes, max_pixels: int) -> tuple[str | None, tuple[str, str] | None]:
+    """(format, None) from the header alone, or (None, skip reason) without decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                return None, ("oversized_image", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            return img.format, None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        return None, ("oversized_image", str(exn))
+    except Exception as exn:  # PIL raises many types for corrupt data
+        return None, ("corrupt_image", f"{type(exn).__name__}: {exn}")
+
+
+def _jpegs_on_device(datas: list[bytes], device: torch.device, channels: int) -> list:
+    """Decoded [C, H, W] uint8 tensors on ``device``, None where torchvision fails: one batched
+    call, then one call per image only when the batch call raised."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    encoded = [torch.from_numpy(np.frombuffer(d, np.uint8).copy()) for d in datas]
+    try:
+        return list(decode_jpeg(encoded, mode=mode, device=device))
+    except RuntimeError:
+        out = []
+        for e in encoded:
+            try:
+                out.append(decode_jpeg(e, mode=mode, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def resize_center_crop(img: torch.Tensor, size: int, resize: int, interpolation: str
+                       ) -> torch.Tensor:
+    """[C, H, W] uint8 -> [C, size, size] uint8: shorter side to ``resize`` (antialiased), then the
+    centre ``size`` x ``size``; the output sizes follow the CPU path's rounding."""
+    h, w = img.shape[1:]
+    if min(h, w) != resize:
+        scale = resize / min(h, w)
+        nh, nw = max(resize, round(h * scale)), max(resize, round(w * scale))
+        img = torch.nn.functional.interpolate(img[None].float(), size=(nh, nw), mode=interpolation,
+                                              antialias=True, align_corners=False)[0]
+        img = img.round_().clamp_(0, 255).to(torch.uint8)
+    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
+    return img[:, top:top + size, left:left + size]
+
+
+def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: int,
+                 size: int | None, max_pixels: int, resize: int | None = None,
+                 interpolation: str = "bicubic"
+                 ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str, str]]]:
+    """Decode encoded images into one [M, C, H, W] float batch in [0, 1] on ``device``.
+
+    Returns the batch (None when nothing decoded), the positions in ``datas`` it holds, in order,
+    and ``(position, reason, detail)`` for every image skipped (``corrupt_image``,
+    ``oversized_image``: the CPU path's reasons)."""
+    device = torch.device(device)
+    images: list = [None] * len(datas)
+    skipped: list[tuple[int, str, str]] = []
+    jpegs = []
+    for i, data in enumerate(datas):
+        fmt, reason = _header(data, max_pixels)
+        if reason is not None:
+            skipped.append((i, *reason))
+        elif fmt == "JPEG":
+            jpegs.append(i)
+    for i, img in zip(jpegs, _jpegs_on_device([datas[i] for i in jpegs], device, channels),
+                      strict=True):
+        if img is not None and size is not None:
+            img = resize_center_crop(img, size, resize or size, interpolation)
+        images[i] = img
+    done = {i for i, _, _ in skipped}
+    for i, data in enumerate(datas):  # not JPEG, or torchvision failed: the CPU path decides
+        if images[i] is None and i not in done:
+            arr, reason = decode_or_reason(data, max_pixels, channels, size, resize, interpolation)
+            if reason is not None:
+                skipped.append((i, *reason))
+            else:
+                images[i] = torch.from_numpy(np.array(arr)).permute(2, 0, 1).to(device)
+    kept = [i for i, img in enumerate(images) if img is not None]
+    if not kept:
+        return None, [], sorted(skipped)
+    if len({tuple(images[i].shape) for i in kept}) > 1:
+        raise ValueError("images of different sizes in one batch: set the model's crop size")
+    batch = torch.stack([images[i] for i in kept]).float().div_(255.0)
+    return batch, kept, sorted(skipped)
