@@ -19,8 +19,10 @@
   recall@50 against exact search (``pipeline.index.choice.recall_at_k``) and queries/s (one
   batch, 2 threads, best of 3) at the search parameters each build chose; for autofaiss also at
   the smallest power-of-two nprobe (efSearch = max(2 nprobe, 16), as ``tune_nprobe`` sets it)
-  whose recall@50 on the tuning queries reaches 0.95, if any does. Peak memory = ru_maxrss of
-  each build subprocess, read when the build returns.
+  whose recall@50 on the tuning queries reaches 0.95, if any does. Then both operating curves
+  (recall@50 and queries/s on the test queries at nprobe 8, 16, ... until recall stops growing)
+  give queries/s at equal recall: at each level, the best each index serves with recall >= it.
+  Peak memory = ru_maxrss of each build subprocess, read when the build returns.
 
 (b) Our build at ``--scale`` sizes (default 1e4, 1e5; 1e6 is (a)'s median), the same budget,
     per-stage times; a log-log line through the totals, and a per-stage model anchored on the
@@ -124,6 +126,35 @@ def queries_per_second(index, queries: np.ndarray, k: int, repeats: int = 3) -> 
     return len(queries) / best
 
 
+def operating_curve(index, set_nprobe, queries: np.ndarray, truth: np.ndarray, to_rows,
+                    max_nprobe: int, first: int = 8) -> list[dict]:
+    """recall@50 and queries/s on the test queries at nprobe = first, 2 first, ... up to
+    ``max_nprobe`` (stopping once recall stops growing): what the index serves at each recall,
+    measured the same way for both tools so they can be compared at equal recall."""
+    curve, nprobe = [], first
+    while nprobe <= max_nprobe:
+        set_nprobe(nprobe)
+        _, found = index.search(queries, K)
+        curve.append({"nprobe": nprobe, "recall_at_50": recall_rows(to_rows(found), truth),
+                      "qps": queries_per_second(index, queries, K, repeats=2)})
+        if len(curve) > 2 and curve[-1]["recall_at_50"] - curve[-2]["recall_at_50"] < 0.002:
+            break
+        nprobe *= 2
+    return curve
+
+
+def hnsw_nprobe_setter(index, set_nprobe):
+    """nprobe with efSearch = max(2 nprobe, 16) on an HNSW coarse quantizer, as tune_nprobe sets."""
+    import faiss
+
+    def setter(nprobe: int) -> None:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(2 * nprobe, 16)
+        set_nprobe(index, nprobe)
+    return setter
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -142,6 +173,7 @@ def child_ours(work: Path, out: Path, budget_bytes: int, n: int | None, shards: 
         merge_parts,
         populate_part,
         search,
+        set_nprobe,
         train_index,
         write_index,
     )
@@ -196,13 +228,15 @@ def child_ours(work: Path, out: Path, budget_bytes: int, n: int | None, shards: 
         _, truth = faiss.knn(test_q, xb, K)
     _, found = search(index, test_q, K, nprobe)  # tune_nprobe left efSearch at its choice
     np.save(out / "found.npy", rows_of(found))
+    qps = queries_per_second(index, test_q, K)
+    curve = (operating_curve(index, hnsw_nprobe_setter(index, set_nprobe), test_q, truth, rows_of,
+                             max_nprobe=2 * nprobe) if nprobe else [])
     return {"tool": "ours", "n": n, "factory": choice.factory, "nlist": choice.nlist,
             "train_vectors": train_n, "memory_estimate_mb": round(choice.memory_bytes / 2**20, 1),
             "index_file_mb": round((folder / "index.faiss").stat().st_size / 2**20, 1),
             "search_params": {"nprobe": nprobe}, "tune_recall": tune_recall, "tune_curve": curve,
             "build_s": build_s, "stages": stages, "peak_rss_mb_build": rss,
-            "recall_at_50": recall_rows(rows_of(found), truth),
-            "qps": queries_per_second(index, test_q, K)}
+            "recall_at_50": recall_rows(rows_of(found), truth), "qps": qps, "curve": curve}
 
 
 def child_autofaiss(work: Path, out: Path, budget_bytes: int) -> dict:
@@ -257,6 +291,9 @@ def child_autofaiss(work: Path, out: Path, budget_bytes: int) -> dict:
         np.save(out / "found_at_target.npy", found)
         result["at_target"] = {"nprobe": best, "recall_at_50": recall_rows(found, truth),
                                "qps": queries_per_second(index, test_q, K)}
+    result["curve"] = operating_curve(
+        index, lambda p: space.set_index_parameters(index, f"nprobe={p},efSearch={max(2 * p, 16)}"),
+        test_q, truth, lambda found: found, max_nprobe=ivf.nlist)
     return result
 
 
@@ -323,6 +360,31 @@ def summarise(runs: list[dict]) -> dict:
                             "median_recall_at_50": statistics.median(a["recall_at_50"] for a in at),
                             "median_qps": statistics.median(a["qps"] for a in at)}
     return out
+
+
+def median_curve(runs: list[dict]) -> list[dict]:
+    """Per nprobe: the recall (deterministic) and the median queries/s over the runs."""
+    by_nprobe: dict[int, list[dict]] = {}
+    for run in runs:
+        for point in run.get("curve") or []:
+            by_nprobe.setdefault(point["nprobe"], []).append(point)
+    return [{"nprobe": p, "recall_at_50": statistics.median(x["recall_at_50"] for x in pts),
+             "qps": statistics.median(x["qps"] for x in pts)} for p, pts in sorted(by_nprobe.items())]
+
+
+def qps_at_equal_recall(ours: list[dict], theirs: list[dict],
+                        levels=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)) -> list[dict]:
+    """For each recall level: the best queries/s each index serves at recall@50 >= level (None
+    when it never gets there) and ours / theirs where both do."""
+    def best(curve, level):
+        fits = [p["qps"] for p in curve if p["recall_at_50"] >= level]
+        return max(fits) if fits else None
+    rows = []
+    for level in levels:
+        a, b = best(ours, level), best(theirs, level)
+        rows.append({"recall_at_least": level, "ours_qps": a, "autofaiss_qps": b,
+                     "ratio": a / b if a and b else None})
+    return rows
 
 
 def loglog_fit(ns, seconds) -> tuple[float, float]:
@@ -467,6 +529,8 @@ def main() -> None:
         if af.get("at_target"):
             comparison["qps_ratio_ours_over_autofaiss_at_target"] = (
                 ours["median_qps"] / af["at_target"]["median_qps"])
+        ours["curve"], af["curve"] = median_curve(ours_runs), median_curve(af_runs)
+        comparison["qps_at_equal_recall"] = qps_at_equal_recall(ours["curve"], af["curve"])
     else:
         comparison["autofaiss_error"] = af_error
 
