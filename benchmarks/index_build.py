@@ -39,8 +39,9 @@ CLI: ``python benchmarks/index_build.py [--quick] [--repeats 2] [--n N] ...``; `
 100k vectors, 1k clusters, scale 1e4 and 3e4, one repeat (a smoke run). Writes
 benchmarks/results/index_build.json (quick: index_build_quick.json) and prints it. Each build's
 result stays in ``--workdir``, so a re-run (e.g. after an interruption) only runs the builds
-that are missing. On the shared 2-core machine a default run takes one to two hours, most of it
-autofaiss's k-means (16,384 centroids over all 1M vectors, after OPQ to 384 dims).
+that are missing (delete the build folders to measure again). On a quiet 2-core machine a run
+with ``--autofaiss-repeats 1`` takes 46 minutes, most of it autofaiss's k-means (16,384 centroids
+over all 1M vectors, after OPQ to 384 dims); under load, hours.
 """
 
 from __future__ import annotations
