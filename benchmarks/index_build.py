@@ -144,18 +144,6 @@ def operating_curve(index, set_nprobe, queries: np.ndarray, truth: np.ndarray, t
     return curve
 
 
-def hnsw_nprobe_setter(index, set_nprobe):
-    """nprobe with efSearch = max(2 nprobe, 16) on an HNSW coarse quantizer, as tune_nprobe sets."""
-    import faiss
-
-    def setter(nprobe: int) -> None:
-        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):
-            quantizer.hnsw.efSearch = max(2 * nprobe, 16)
-        set_nprobe(index, nprobe)
-    return setter
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -227,10 +215,10 @@ def child_ours(work: Path, out: Path, budget_bytes: int, n: int | None, shards: 
         truth = np.load(work / "truth_test.npy")
     else:
         _, truth = faiss.knn(test_q, xb, K)
-    _, found = search(index, test_q, K, nprobe)  # tune_nprobe left efSearch at its choice
+    _, found = search(index, test_q, K, nprobe)  # efSearch follows nprobe (set_nprobe)
     np.save(out / "found.npy", rows_of(found))
     qps = queries_per_second(index, test_q, K)
-    curve = (operating_curve(index, hnsw_nprobe_setter(index, set_nprobe), test_q, truth, rows_of,
+    curve = (operating_curve(index, lambda p: set_nprobe(index, p), test_q, truth, rows_of,
                              max_nprobe=2 * nprobe) if nprobe else [])
     return {"tool": "ours", "n": n, "factory": choice.factory, "nlist": choice.nlist,
             "train_vectors": train_n, "memory_estimate_mb": round(choice.memory_bytes / 2**20, 1),

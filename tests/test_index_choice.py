@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from pipeline.index.choice import choose_index, choose_nlist, recall_at_k, tune_nprobe
-from pipeline.index.faiss_index import populate_part, train_index, write_index
+from pipeline.index.faiss_index import (
+    load_index,
+    populate_part,
+    search,
+    train_index,
+    write_index,
+)
 
 
 @pytest.mark.parametrize("n, dim, budget_mb, family", [
@@ -51,6 +57,23 @@ def test_tuned_nprobe_reaches_the_target_recall(tmp_path):
     if len(curve) > 1:
         assert curve[-2]["recall"] < 0.95  # the smallest such nprobe
     assert recall_at_k(truth, truth) == 1.0
+
+
+def test_a_reloaded_hnsw_quantised_index_serves_the_tuned_recall(tmp_path):
+    """efSearch follows nprobe wherever nprobe is set, so searching the index file later (as
+    the classifier does) gives the recall tuning recorded, not the file's default efSearch."""
+    x = np.random.default_rng(2).normal(size=(20_000, 32)).astype(np.float32)  # no clusters: slow recall
+    write_index(train_index(x, "IVF256_HNSW32,Flat"), tmp_path / "t.faiss")
+    populate_part(tmp_path / "t.faiss", x, np.arange(len(x)), tmp_path / "i.faiss")
+    queries = x[:300]
+    _, truth = faiss.knn(queries, x, 10)
+    _, _, curve = tune_nprobe(load_index(tmp_path / "i.faiss"), queries, truth, 10, target=1.0)
+    tuned = {point["nprobe"]: point["recall"] for point in curve}
+    assert 64 in tuned  # the curve went past efSearch's default of 16
+    served = load_index(tmp_path / "i.faiss", 64)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(served).quantizer)
+    assert quantizer.hnsw.efSearch == 128
+    assert recall_at_k(search(served, queries, 10)[1], truth) == tuned[64]
 
 
 @pytest.mark.slow

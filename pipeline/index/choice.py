@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import faiss
 import numpy as np
 
 ID_BYTES = 8
@@ -94,7 +93,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 def tune_nprobe(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float = 0.95
                 ) -> tuple[int | None, float, list[dict]]:
     """Smallest power-of-two nprobe whose recall@k reaches ``target`` (None for non-IVF), its
-    recall, and the whole curve. For HNSW coarse quantisers efSearch follows nprobe."""
+    recall, and the whole curve. For HNSW coarse quantisers efSearch follows nprobe
+    (:func:`pipeline.index.faiss_index.set_nprobe`, as when the index is searched later)."""
     from pipeline.index.faiss_index import _has_ivf, _ivf, search
 
     if not _has_ivf(index):
@@ -105,9 +105,6 @@ def tune_nprobe(index, queries: np.ndarray, truth: np.ndarray, k: int, target: f
     curve, best = [], None
     nprobe = 1
     while nprobe <= ivf.nlist:
-        quantizer = faiss.downcast_index(ivf.quantizer) if not isinstance(index, faiss.IndexBinary) else None
-        if isinstance(quantizer, faiss.IndexHNSW):
-            quantizer.hnsw.efSearch = max(nprobe * 2, 16)
         _, ids = search(index, queries, k, nprobe)
         r = recall_at_k(ids, truth)
         curve.append({"nprobe": nprobe, "recall": r})

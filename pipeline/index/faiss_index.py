@@ -286,9 +286,18 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> faiss.Inde
 
 
 def set_nprobe(index, nprobe: int | None) -> None:
+    """IVF lists searched per query; an HNSW coarse quantiser searches with efSearch =
+    max(2 nprobe, 16), so its nprobe nearest lists are found (the setting tuning measured)."""
+    if nprobe is None:
+        return
     for member in _members(index):
-        if nprobe is not None and _has_ivf(member):
-            _ivf(member).nprobe = nprobe
+        if _has_ivf(member):
+            ivf = _ivf(member)
+            ivf.nprobe = nprobe
+            if not isinstance(member, faiss.IndexBinary):
+                quantizer = faiss.downcast_index(ivf.quantizer)
+                if isinstance(quantizer, faiss.IndexHNSW):
+                    quantizer.hnsw.efSearch = max(2 * nprobe, 16)
 
 
 def search(index, queries: np.ndarray, k: int, nprobe: int | None = None
