@@ -183,8 +183,7 @@ def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None =
     # The pixel limit is checked from the header before decoding (decompression bombs); no
     # warnings filter here, since `warnings.catch_warnings` is not thread-safe.
     with Image.open(io.BytesIO(data)) as img:
-        if img.width * img.height > max_pixels:
-            raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+        check_pixels(img, max_pixels)
         if size is not None and img.format == "JPEG":
             img.draft(img.mode, (resize or size, resize or size))  # DCT-domain downscale: cheaper
         img = img.convert("L" if channels == 1 else "RGB")
@@ -192,6 +191,12 @@ def decode_image(data: bytes, max_pixels: int, channels: int, size: int | None =
             img = _resize_center_crop(img, size, resize or size, interpolation)
         arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """Raise OverflowError for an image larger than ``max_pixels``, from its header alone."""
+    if img.width * img.height > max_pixels:
+        raise OverflowError(f"{img.width}x{img.height} exceeds {max_pixels} pixels")
 
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -221,8 +226,14 @@ def _member_filter(decode: bool, keys: Container[str] | None, meta_exts: Contain
 def decode_or_reason(data: bytes, max_pixels: int, channels: int, size: int | None,
                      resize: int | None, interpolation: str):
     """(image, None) or (None, (skip reason, detail)); safe to run in decode threads."""
+    return or_skip_reason(decode_image, data, max_pixels, channels, size, resize, interpolation)
+
+
+def or_skip_reason(read: Callable, data: bytes, *args):
+    """(read(data, *args), None), or (None, (skip reason, detail)) when ``read`` raises on the
+    image: ``oversized_image`` or ``corrupt_image``."""
     try:
-        return decode_image(data, max_pixels, channels, size, resize, interpolation), None
+        return read(data, *args), None
     except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         return None, ("oversized_image", str(exn))
     except Exception as exn:  # PIL raises many types for corrupt data

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.shards import decode_or_reason
+from pipeline.data.shards import check_pixels, decode_or_reason, or_skip_reason
 
 BACKENDS = ("auto", "pil", "torchvision")
 
@@ -28,17 +28,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _header(data: bytes, max_pixels: int) -> tuple[str | None, tuple[str, str] | None]:
-    """(format, None) from the header alone, or (None, skip reason) without decoding."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                return None, ("oversized_image", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
-            return img.format, None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
-        return None, ("oversized_image", str(exn))
-    except Exception as exn:  # PIL raises many types for corrupt data
-        return None, ("corrupt_image", f"{type(exn).__name__}: {exn}")
+def _format(data: bytes, max_pixels: int) -> str:
+    """The image's format, from its header alone (the pixel limit checked as the CPU path does)."""
+    with Image.open(io.BytesIO(data)) as img:
+        check_pixels(img, max_pixels)
+        return img.format
 
 
 def _jpegs_on_device(datas: list[bytes], device: torch.device, channels: int) -> list:
@@ -91,7 +85,7 @@ def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: in
     skipped: list[tuple[int, str, str]] = []
     jpegs = []
     for i, data in enumerate(datas):
-        fmt, reason = _header(data, max_pixels)
+        fmt, reason = or_skip_reason(_format, data, max_pixels)
         if reason is not None:
             skipped.append((i, *reason))
         elif fmt == "JPEG":
