@@ -213,9 +213,10 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     # each small matmul, stealing the cores torch's forward runs on: 20% of the throughput on
     # 2 cores (benchmarks/extraction.py). One BLAS thread is plenty for a [batch, C] x [C, 256].
     blas_limit = threadpool_limits(limits=1, user_api="blas")
+    poolers = stack_poolers(transforms)
     try:
         for keys, labels, x in decoded:
-            pooled, softmax = forward_features(model, x, layers, stack_poolers(transforms))
+            pooled, softmax = forward_features(model, x, layers, poolers)
             codes = {name: transforms[name].encode(transforms[name].project(v))
                      for name, v in pooled.items()}
             writer.add(keys, labels, codes, softmax)
