@@ -209,6 +209,11 @@ class _Attack(_Strict):
     tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] | None = None
 
     @property
+    def label(self) -> str:
+        """The attack's name, with its tag if it has one ("min_norm.k05")."""
+        return self.name + (f".{self.tag}" if self.tag else "")
+
+    @property
     def budgets(self) -> list[float]:
         return list(self.budget) if isinstance(self.budget, list) else [self.budget]
 
@@ -365,9 +370,8 @@ class EvaluateSpec(_Strict):
                 layers = getattr(a, "layers", None)
                 for other in seen.get(key, []):
                     if layers is None or other is None or set(layers) & set(other):
-                        name = a.name + (f".{a.tag}" if a.tag else "")
                         raise ValueError(f"two evaluate.attacks entries make the same set "
-                                         f"{name}-{a.threat}@{budget:g}: give one a `tag`")
+                                         f"{a.label}-{a.threat}@{budget:g}: give one a `tag`")
                 seen.setdefault(key, []).append(layers)
         return self
 

@@ -49,7 +49,7 @@ class AttackSet:
     @property
     def attack(self) -> str:
         """The attack's name, with its tag if it has one ("min_norm.k05")."""
-        return self.spec.name + (f".{self.spec.tag}" if self.spec.tag else "")
+        return self.spec.label
 
     @property
     def threat(self) -> str:
