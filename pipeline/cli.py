@@ -481,18 +481,18 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
     """Classify image files with the kNN defense of a finished job."""
     import numpy as np
 
-    from pipeline.data.shards import decode_image
     from pipeline.defense.classifier import DefendedClassifier
-    from pipeline.features.backbones import decode_args
 
     overrides = {"weighting": weighting, **({"layer": layer} if layer else {}), **({"k": k} if k else {})}
     defense = DefendedClassifier.from_job(_readable_job(job_dir), **overrides)
-    decode = decode_args(defense.model)
+    if defense.recipe["differs"]:
+        click.echo(f"note: queries run {defense.recipe['differs']} (database vs here); "
+                   "docs/gpu.md gives the measured agreement", err=True)
     arrays = []
     for path in images:
         try:
             with open(path, "rb") as f:
-                arrays.append(decode_image(f.read(), 89_478_485, **decode))
+                arrays.append(defense.decode(f.read()))
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"{path}: not a readable image ({err})") from None
     labels, scores, neigh = defense.predict(np.stack(arrays), return_neighbours=True)

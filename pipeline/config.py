@@ -142,7 +142,13 @@ class FeaturesSpec(_Strict):
     storage: Literal["float16", "float32", "sq8", "itq", "sign"] = "float16"
     # images per forward; "auto": from free GPU memory (a probe forward), or by input size on CPU
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
-    decode_workers: Annotated[int, Field(ge=0)] = 2  # decode threads per extraction task
+    # decode threads per extraction task; auto: 2 on a CPU (measured best on 2 cores), and on a
+    # GPU every CPU the task was given but one (the GPU forwards far faster than a core decodes)
+    decode_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # the forward pass's arithmetic (part of the feature recipe, pipeline/features/recipe.py):
+    # fp32 (on a GPU with TF32 off), tf32 (GPU only), bf16 (autocast); auto: fp32, the GPU
+    # default chosen from the measured agreement between recipes (docs/gpu.md)
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     # pil: Pillow in decode_workers threads; torchvision: torchvision.io on the model's device
     # (nvJPEG on a GPU); auto: torchvision when the model is on a GPU, else pil.
     decode_backend: Literal["auto", "pil", "torchvision"] = "auto"

@@ -25,8 +25,11 @@ class DefendedClassifier:
                  searcher=None, layer: str | None = None,
                  weighting: str = "cbw_d", k: int = 50, nprobe: int | None = None,
                  cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
-                 stored_weights: bool = False):
+                 stored_weights: bool = False, recipe: dict | None = None):
         self.model = model.eval()
+        # The database's feature recipe, the one this query path runs, and what differs
+        # (pipeline/features/recipe.py); None for a model not loaded from a job folder.
+        self.recipe = recipe or {"database": None, "query": None, "differs": {}}
         self.transforms, self.indexes, self.store = transforms, indexes, store
         self.layers = list(transforms)
         self.layer = layer or self.layers[-1]
@@ -64,6 +67,18 @@ class DefendedClassifier:
 
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
         return defense
+
+    @property
+    def decoder(self) -> str:
+        """How query images are decoded: the way the database's were (Pillow by default)."""
+        return (self.recipe["query"] or {}).get("decoder", "pil")
+
+    def decode(self, data: bytes, max_pixels: int = 89_478_485) -> np.ndarray:
+        """Encoded image bytes -> HWC uint8 as the database's images were decoded."""
+        from pipeline.features.backbones import decode_args
+        from pipeline.features.tensor_decode import decode_like_database
+
+        return decode_like_database(data, max_pixels, self.decoder, **decode_args(self.model))
 
     def _as_tensor(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.is_floating_point():

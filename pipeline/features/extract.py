@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -15,52 +16,80 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
 from pipeline.data.shards import ShardStats, iter_encoded, iter_samples
+from pipeline.devices import current_device, current_gpu_share
 from pipeline.features.backbones import images_to_tensor, pool
+from pipeline.features.recipe import (
+    FeatureRecipe,
+    RecipeMismatch,
+    make_recipe,
+    precision_context,
+    resolve_precision,
+)
 from pipeline.features.tensor_decode import decode_batch, resolve_backend
 from pipeline.ids import make_ids
 
 META_KEY = b"knn_defense"
 
 
-def to_best_device(model):
-    """On a GPU: move there in channels_last (faster convolutions with autocast); on CPU keep
-    the model as is (channels_last measured no faster there, DESIGN.md)."""
-    if torch.cuda.is_available():
-        return model.to("cuda", memory_format=torch.channels_last)
+def to_device(model, device: str | torch.device | None = None, precision: str = "fp32"):
+    """The model on ``device`` (default: the one decided for this task, ``pipeline.devices``),
+    in channels_last on a GPU (faster convolutions there; measured no faster on CPU, DESIGN.md),
+    running its forward passes in ``precision`` (a recipe's: fp32 | tf32 | bf16)."""
+    device = torch.device(device or current_device())
+    if device.type == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
+    else:
+        model = model.to(device)
+    model.feature_precision = resolve_precision(precision, device.type)
     return model
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def forward_taps(model, x01: torch.Tensor, layers) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and taps of a batch of [0, 1] images on the model's device (a GPU gets pinned
-    memory, channels_last and bf16 autocast)."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return model.forward_taps(x01, layers)
-    if x01.device != device:  # decoded on the GPU already (tensor_decode) or not
-        x01 = x01.pin_memory().to(device, non_blocking=True)
-    x01 = x01.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    """Logits and taps of a batch of [0, 1] images, on the model's device and in its recipe's
+    precision (``to_device``; fp32 when never set)."""
+    device = model_device(model)
+    if x01.device != device:
+        x01 = x01.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x01 = x01.contiguous(memory_format=torch.channels_last)
+    with precision_context(device.type, getattr(model, "feature_precision", "fp32")):
         return model.forward_taps(x01, layers)
 
 
-def auto_batch_size(model, requested: int | str = "auto", cap: int = 1024) -> int:
-    """``requested`` if a number; on a GPU, the batch that fills ~70% of free memory, measured
-    with a probe forward of 8 images; on CPU, 512 for small inputs and 32 at ImageNet sizes
-    (larger CPU batches only add memory, not speed)."""
+# Bytes a batch holds per image on the GPU besides the forward's own activations: with nvJPEG the
+# decoded full-size image (uint8, ~1080 x 1440 x 3 for a web photo) and the float copy the
+# antialiased resize makes of one image at a time; with Pillow the pinned uint8 input.
+DECODE_BYTES_PER_IMAGE = {"torchvision": 1080 * 1440 * 3, "pil": 0}
+
+
+def auto_batch_size(model, requested: int | str = "auto", cap: int = 1024, *,
+                    decode_bytes_per_image: int = 0, gpu_share: float | None = None) -> int:
+    """``requested`` if a number; on a GPU, the batch that fills ~70% of this task's share of
+    the free memory (``pipeline.devices.current_gpu_share``: tasks given a fraction of a GPU
+    leave the rest to the others), measured with a probe forward of 8 images plus
+    ``decode_bytes_per_image``; on CPU, 512 for small inputs and 32 at ImageNet sizes (larger
+    CPU batches only add memory, not speed)."""
     if requested != "auto":
         return int(requested)
     size = model.preprocess["crop"]
-    device = next(model.parameters()).device
+    device = model_device(model)
     if device.type != "cuda":
         return int(max(8, min(512, 2 ** round(np.log2(max(1, 2**22 // (size * size * 3)))))))
-    torch.cuda.synchronize()
+    share = current_gpu_share() if gpu_share is None else gpu_share
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     probe = torch.rand(8, model.in_channels, size, size)
     forward_features(model, probe, model.tap_names()[-1:])
     per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) / 8)
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(8, min(cap, 0.7 * free / per_image)))
+    per_image += decode_bytes_per_image + model.in_channels * size * size  # + the uint8 input
+    free, total = torch.cuda.mem_get_info(device)
+    usable = min(free, share * total)
+    return int(max(8, min(cap, 0.7 * usable / per_image)))
 
 
 @torch.inference_mode()
@@ -71,9 +100,11 @@ def forward_features(model, x01: torch.Tensor, layers, poolers=None
     on the model's device, so only pooled vectors come back."""
     logits, taps = forward_taps(model, x01, layers)
     poolers = poolers or {}
-    pooled = {name: (poolers[name](t) if name in poolers else pool(t.float(), "avg")).cpu().numpy()
+    pooled = {name: (poolers[name](t.float()) if name in poolers else pool(t.float(), "avg"))
               for name, t in taps.items()}
-    return pooled, torch.softmax(logits.float(), 1).cpu().numpy()
+    softmax = torch.softmax(logits.float(), 1)
+    # one device-to-host transfer per batch, after which the GPU is free for the next batch
+    return {n: v.cpu().numpy() for n, v in pooled.items()}, softmax.cpu().numpy()
 
 
 def stack_poolers(stacks: dict) -> dict:
@@ -98,20 +129,21 @@ def _label(label: int | None) -> int:
 def pil_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
                 max_pixels: int, only_keys=None, workers: int = 2
                 ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
-    """(keys, labels, [B, C, H, W] images in [0, 1]) decoded by Pillow in ``workers`` threads
-    up to two batches ahead, so decoding overlaps the forward pass."""
+    """(keys, labels, [B, H, W, C] uint8 images) decoded by Pillow in ``workers`` threads up to
+    two batches ahead, so decoding overlaps the forward pass. uint8 until the device: a quarter
+    of float32's bytes to stack and to copy to a GPU."""
     samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
                            workers=workers, lookahead=2 * batch_size, **decode)
     for batch in batches(samples, batch_size):
         yield ([s.key for s in batch], [_label(s.label) for s in batch],
-               images_to_tensor(np.stack([s.image for s in batch])))
+               torch.from_numpy(np.stack([s.image for s in batch])))
 
 
 def tensor_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
                    max_pixels: int, device, only_keys=None
                    ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
-    """The same batches decoded by torchvision on ``device`` (nvJPEG on a GPU); a batch is
-    shorter by the images skipped in it."""
+    """The same batches decoded by torchvision on ``device`` (nvJPEG on a GPU) as [B, C, H, W]
+    floats in [0, 1]; a batch is shorter by the images skipped in it."""
     for batch in batches(iter_encoded(shard_url, stats, keys=only_keys), batch_size):
         x, kept, skipped = decode_batch([data for _, data in batch], device,
                                         max_pixels=max_pixels, **decode)
@@ -120,6 +152,80 @@ def tensor_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode
         stats.decoded += len(kept)
         if kept:
             yield [batch[i][0].key for i in kept], [_label(batch[i][0].label) for i in kept], x
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """``items`` produced by a background thread up to ``depth`` ahead, so the next batch's
+    reading and decoding (Pillow stacking, or nvJPEG's host-side Huffman decode and the tar read)
+    overlap this batch's forward pass. An exception in the producer is raised here; closing the
+    generator stops the producer."""
+    import queue
+    import threading
+
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(_DONE)
+        except BaseException as exn:  # noqa: BLE001 - handed to the consumer
+            out.put(exn)
+
+    thread = threading.Thread(target=produce, name="knn-defense-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                out.get(timeout=0.1)
+        thread.join()
+
+
+class DeviceFeeder:
+    """uint8 [B, H, W, C] host batches -> [B, C, H, W] floats in [0, 1] on ``device``. On a GPU
+    each batch is copied into one of two reused pinned buffers, then to the device without
+    blocking (uint8: a quarter of float32's bytes on the bus), and converted there. Two buffers
+    because the copy of batch i+1 may be queued while batch i's is still in flight."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():  # already decoded on the device (torchvision backend)
+            return images
+        if self.device.type != "cuda":
+            return images_to_tensor(images)
+        slot, self._turn = self._turn, 1 - self._turn
+        buf = self._pinned[slot]
+        if buf is None or buf.numel() < images.numel():
+            buf = self._pinned[slot] = torch.empty(images.numel(), dtype=torch.uint8,
+                                                   pin_memory=True)
+        host = buf[: images.numel()].view(images.shape)
+        host.copy_(images)
+        on_device = host.to(self.device, non_blocking=True)
+        return on_device.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def _fixed_list(values: np.ndarray, dtype=None) -> pa.FixedSizeListArray:
@@ -200,14 +306,20 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     and renamed at the end (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    batch_size = auto_batch_size(model, batch_size)
+    device = model_device(model)
+    backend = resolve_backend(decode_backend, device)
+    recipe = running_recipe(model, backend, provenance)
+    batch_size = auto_batch_size(model, batch_size,
+                                 decode_bytes_per_image=DECODE_BYTES_PER_IMAGE[backend])
     stats = ShardStats(record_keys=True)
-    device = next(model.parameters()).device
     source = dict(decode=decode, max_pixels=max_pixels, only_keys=only_keys)
-    if resolve_backend(decode_backend, device) == "torchvision":
+    if backend == "torchvision":
         decoded = tensor_batches(shard_url, stats, batch_size, device=device, **source)
     else:
         decoded = pil_batches(shard_url, stats, batch_size, workers=decode_workers, **source)
+    # The next batch is read and decoded while this one runs through the model.
+    decoded = prefetched(decoded, depth=2)
+    to_input = DeviceFeeder(device)
     writer = ShardWriter(out_path, shard_index, layers, transforms, model.num_classes, flush_rows)
     # numpy's OpenBLAS (the PCA projection) would otherwise leave its own threads spinning after
     # each small matmul, stealing the cores torch's forward runs on: 20% of the throughput on
@@ -216,11 +328,11 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     poolers = stack_poolers(transforms)
     try:
         for keys, labels, x in decoded:
-            pooled, softmax = forward_features(model, x, layers, poolers)
+            pooled, softmax = forward_features(model, to_input(x), layers, poolers)
             codes = {name: transforms[name].encode(transforms[name].project(v))
                      for name, v in pooled.items()}
             writer.add(keys, labels, codes, softmax)
-        meta = dict(provenance, shard_index=shard_index, shard_url=shard_url, layers=list(layers),
+        meta = dict(provenance, recipe=recipe and recipe.as_dict(), shard_index=shard_index, shard_url=shard_url, layers=list(layers),
                     storage={n: transforms[n].storage for n in layers},
                     pooling={n: transforms[n].pooling for n in layers},
                     code_version=__version__, stats=stats.as_dict())
@@ -229,9 +341,29 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
         writer.abort()
         raise
     finally:
+        decoded.close()
         blas_limit.restore_original_limits()
     counts = {k: v for k, v in stats.as_dict().items() if k != "skipped_keys"}
     return {"shard_index": shard_index, "written": written, **counts}
+
+
+def running_recipe(model, backend: str, provenance: dict) -> FeatureRecipe | None:
+    """The recipe this process runs (model device, precision, decoder, preprocessing, and the
+    weights/transforms hashes from ``provenance``); None without those hashes (a bare call).
+    When ``provenance`` carries the recipe the job expects, a task that would make vectors by
+    other arithmetic (e.g. it got no GPU where the job planned one) refuses before any work."""
+    if "weights_sha256" not in provenance or "transform_sha256" not in provenance:
+        return None
+    recipe = make_recipe(model.preprocess, model_device(model).type,
+                         getattr(model, "feature_precision", "fp32"), backend,
+                         provenance["weights_sha256"], provenance["transform_sha256"])
+    expected = provenance.get("recipe")
+    if expected is not None and FeatureRecipe.from_dict(expected) != recipe:
+        diff = ", ".join(f"{k}: job expects {a}, this task runs {b}" for k, (a, b)
+                         in FeatureRecipe.from_dict(expected).differences(recipe).items())
+        raise RecipeMismatch(f"feature recipe mismatch ({diff}); check the features stage's "
+                             "num_gpus and that the node's GPU is usable")
+    return recipe
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

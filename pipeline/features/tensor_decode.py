@@ -13,18 +13,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.shards import check_pixels, decode_or_reason, or_skip_reason
+from pipeline.data.shards import check_pixels, decode_image, decode_or_reason, or_skip_reason
 
 BACKENDS = ("auto", "pil", "torchvision")
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def resolve_backend(requested: str, device: torch.device | str) -> str:
     """``auto``: torchvision (nvJPEG) when the model runs on a GPU, else Pillow in decode threads,
-    which overlap the forward pass on CPU."""
+    which overlap the forward pass on CPU. ``device``: a device or its kind ("cpu", "cuda")."""
     if requested not in BACKENDS:
         raise ValueError(f"decode backend {requested!r}: use one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        return "torchvision" if device.type == "cuda" else "pil"
+        return "torchvision" if torch.device(device).type == "cuda" else "pil"
     return requested
 
 
@@ -110,3 +110,20 @@ def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: in
         raise ValueError("images of different sizes in one batch: set the model's crop size")
     batch = torch.stack([images[i] for i in kept]).float().div_(255.0)
     return batch, kept, sorted(skipped)
+
+
+def decode_like_database(data: bytes, max_pixels: int, decoder: str, *, channels: int,
+                         size: int | None, resize: int | None = None,
+                         interpolation: str = "bicubic") -> np.ndarray:
+    """One query image as HWC uint8, decoded the way the database's images were (the recipe's
+    ``decoder``): Pillow, or torchvision's JPEG decode and resize run here on the CPU. Raises
+    what :func:`pipeline.data.shards.decode_image` raises for bad bytes (non-JPEGs and anything
+    torchvision cannot decode take that path, as in :func:`decode_batch`)."""
+    args = dict(channels=channels, size=size, resize=resize, interpolation=interpolation)
+    if decoder == "torchvision" and data and _format(data, max_pixels) == "JPEG":
+        [img] = _jpegs_on_device([data], torch.device("cpu"), channels)
+        if img is not None:
+            if size is not None:
+                img = resize_center_crop(img, size, resize or size, interpolation)
+            return img.permute(1, 2, 0).contiguous().numpy()
+    return decode_image(data, max_pixels, **args)

@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.config import parse_job
 from pipeline.features.backbones import file_sha256, load_model
+from pipeline.features.recipe import check_one_recipe, query_recipe
 from pipeline.features.stack import load_stack, stack_hash
 from pipeline.index.faiss_index import load_index, shard_set
 from pipeline.layout import JobLayout, read_json
@@ -59,13 +60,33 @@ def load_defense_parts(job_dir: str | os.PathLike, layers=None, local_search: bo
     layout = JobLayout(job_dir)
     layers = list(layers or spec.features.layers)
     model_info = check_hashes(layout, layers)
+    recipe = database_recipe(layout, layers)
     model = load_model(spec.model, model_info["path"])
+    if recipe["query"] is not None:  # run the database's arithmetic where this machine can
+        model.feature_precision = recipe["query"]["precision"]
     transforms = {name: load_stack(layout.transform_dir(name)) for name in layers}
-    parts = {"spec": spec, "model": model, "transforms": transforms}
+    parts = {"spec": spec, "model": model, "transforms": transforms, "recipe": recipe}
     if local_search:
         parts["indexes"] = {name: load_layer_index(layout, name) for name in layers}
         parts["store"] = SoftmaxStore(layout.store_dir, spec.store.partitions)
     return parts
+
+
+def database_recipe(layout: JobLayout, layers, query_device: str = "cpu") -> dict:
+    """{"database": the recipe index.json records (None for jobs built before recipes were),
+    "query": the recipe this query path runs to match it on ``query_device``, "differs": what
+    still differs ({} when the query path reproduces the database's arithmetic)}. Refuses
+    layers whose indexes were built from features of different recipes."""
+    recorded = {}
+    for layer in layers:
+        info = read_json(layout.index_info(layer), "run the index stage")
+        recorded[str(layout.index_info(layer))] = info.get("recipe")
+    database = check_one_recipe(recorded)
+    if database is None:
+        return {"database": None, "query": None, "differs": {}}
+    query, differs = query_recipe(database, query_device)
+    return {"database": database.as_dict(), "query": query.as_dict(),
+            "differs": {k: list(v) for k, v in differs.items()}}
 
 
 def load_layer_index(layout: JobLayout, layer: str, nprobe: int | None = None,

@@ -22,7 +22,8 @@ import yaml
 from pipeline import __version__
 from pipeline.config import ConfigError, JobSpec, is_url
 from pipeline.data.shards import expand_shards
-from pipeline.features.backbones import file_sha256
+from pipeline.features.backbones import build_model, file_sha256
+from pipeline.features.recipe import FeatureRecipe, make_recipe
 from pipeline.ids import MAX_SHARDS, partition_of_shard
 from pipeline.layout import JobLayout, read_json, write_json
 from pipeline.runtime import tasks
@@ -40,6 +41,10 @@ from pipeline.runtime.ray_runner import (
 log = logging.getLogger(__name__)
 
 STAGES = ["import", "shards", "subset", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
+# Stages whose units load a model: they run on long-lived actors (one per GPU, or per CPU slot),
+# so a worker loads the model and initialises CUDA once, not once per shard (Ray's default for a
+# GPU task is a fresh worker each time); the shard stays the unit of retry, manifest and resume.
+ACTOR_STAGES = frozenset({"features"})
 # Single big tasks: by default the largest node's CPUs (at most this many).
 BIG_TASK_MAX_CPUS = 8
 
@@ -82,7 +87,13 @@ class JobRun:
         over the stage's defaults (one CPU per shard task, the largest node's CPUs up to 8 for a
         big single task; a GPU for features, training and transforms when the cluster has one)."""
         gpu_default = 1 if self.shape.node_gpus >= 1 and section in ("features", "train", "transforms") else 0
-        options = {"num_cpus": self.task_cpus if big else 1, "num_gpus": gpu_default}
+        cpus = self.task_cpus if big else 1
+        if section == "features" and gpu_default:
+            # One GPU forwards EfficientNet-Lite0 faster than all of a node's cores decode web
+            # photos for it (docs/gpu.md: img/s per decode core vs the GPU's forward img/s), so a
+            # GPU's extraction task takes its node's CPUs per GPU, not one.
+            cpus = max(1, int(self.shape.node_cpus // max(1, self.shape.node_gpus)))
+        options = {"num_cpus": cpus, "num_gpus": gpu_default}
         options.update(getattr(self.spec.runtime.resources, section).ray_options())
         return options
 
@@ -96,8 +107,10 @@ class JobRun:
     def run(self, stage: str, units, fp: str, section: str | None = None, *, big: bool = False,
             **options) -> StageReport:
         """Run a stage's units with the resources of ``section`` (default: the stage's name)."""
-        ray_options = self.resources(section or stage.split(".")[0], big)
+        section = section or stage.split(".")[0]
+        ray_options = self.resources(section, big)
         ray_options.update(options)
+        ray_options.setdefault("actors", not big and section in ACTOR_STAGES)
         ray_options.setdefault("max_retries", self.retries)
         ray_options.setdefault("retry_exceptions", self.spec.runtime.retryable())
         ray_options.setdefault("max_in_flight", self.max_in_flight())
@@ -298,15 +311,30 @@ def stage_features(run: JobRun) -> None:
     subset = _subset_for(run, "features")
     fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"],
                      spec.data.max_image_pixels, __version__, run.state["subset_fp"] if subset else None)
+    resources = run.resources("features")
+    recipe = feature_recipe(run, "cuda" if resources.get("num_gpus") else "cpu")
+    # The recipe is part of the fingerprint: features made by other arithmetic (another
+    # precision, decoder or device kind) are features of another database.
+    fp = fingerprint(fp, recipe.id)
     provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
-                  "transform_sha256": run.state["transform_sha256"]}
-    threads = run.threads(run.resources("features"))
+                  "transform_sha256": run.state["transform_sha256"], "recipe": recipe.as_dict()}
+    threads = run.threads(resources)
     units = (Unit(f"{s['shard_index']:05d}", tasks.features_task,
                   (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
                    str(layout.root), provenance, threads, subset)) for s in run.state["shards"])
     run.run("features", units, fp, desc="features", total=len(run.state["shards"]),
             samples_key="written")
     run.state["features_fp"] = fp
+    run.state["recipe"] = recipe.as_dict()
+
+
+def feature_recipe(run: JobRun, device_kind: str) -> FeatureRecipe:
+    """The recipe the features stage runs with on ``device_kind`` (from the spec's precision and
+    decoder, the model's preprocessing, the weights and the fitted transforms)."""
+    fs = run.spec.features
+    preprocess = build_model(run.spec.model).preprocess
+    return make_recipe(preprocess, device_kind, fs.precision, fs.decode_backend,
+                       run.state["weights_sha256"], run.state["transform_sha256"])
 
 
 INDEX_STEPS = ["train", "populate", "merge"]
@@ -400,7 +428,8 @@ def index_merge(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
                 "merge": "ondisk" if ondisk else "memory",
                 "ntotal": sum(c["ntotal"] for c in counts.values()),
                 "transform_sha256": run.state["transform_sha256"][layer],
-                "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
+                "weights_sha256": run.state["weights_sha256"],
+                "recipe": run.state.get("recipe"), "fingerprint": fp})
             if spec.index.factory == "auto" or spec.index.nprobe == "auto":
                 tuned = run.single(f"index.tune.{layer}", tasks.tune_task, fp,
                                    str(layout.root), layer, files, spec.evaluate.k,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ import torch
 from pipeline.config import JobSpec
 from pipeline.data.shards import NoDecodableImage, load_images, scan_shard
 from pipeline.data.subsets import selected_keys
+from pipeline.devices import current_device
 from pipeline.features.backbones import decode_args, images_to_tensor, load_model
 from pipeline.features.extract import (
     auto_batch_size,
@@ -18,7 +20,7 @@ from pipeline.features.extract import (
     forward_taps,
     read_column,
     read_metadata,
-    to_best_device,
+    to_device,
 )
 from pipeline.features.stack import fit_stacks, load_stack
 from pipeline.ids import split_ids
@@ -36,6 +38,38 @@ from pipeline.store.softmax_store import write_partition
 def _threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+# A worker (an extraction actor, or a reused task worker) keeps its recently used models, so a
+# stage of many shards loads the weights and moves them to the device once per worker, not once
+# per shard. Keyed by everything that makes the model: weights file and hash, architecture spec,
+# device and precision. Bounded: a worker serving two jobs holds at most this many.
+_MODEL_CACHE: OrderedDict = OrderedDict()
+MODEL_CACHE_SIZE = 2
+
+
+def cached_model(model_spec, weights: str, weights_sha256: str | None, precision: str = "auto"):
+    """The job's model on this task's device in ``precision``, loaded once per worker."""
+    device = current_device()
+    key = (str(weights), weights_sha256, model_spec.model_dump_json(), device, precision)
+    if key in _MODEL_CACHE:
+        _MODEL_CACHE.move_to_end(key)
+        return _MODEL_CACHE[key]
+    model = to_device(load_model(model_spec, weights), device, precision)
+    _MODEL_CACHE[key] = model
+    while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+        _MODEL_CACHE.popitem(last=False)
+    return model
+
+
+def decode_workers_for(requested, device: str, num_threads: int | None) -> int:
+    """``features.decode_workers``; auto: 2 on a CPU (measured best on 2 cores, where decode
+    threads share cores with the forward), on a GPU all of the task's CPUs but one."""
+    if requested != "auto":
+        return int(requested)
+    if device.startswith("cuda"):
+        return max(1, (num_threads or 2) - 1)
+    return 2
 
 
 def scan_task(url: str) -> dict:
@@ -69,7 +103,7 @@ def fit_transforms_task(spec: dict, shard_table: list[dict], weights: str, job_d
     job = JobSpec.model_validate(spec)
     fs = job.features
     layout = JobLayout(job_dir)
-    model = to_best_device(load_model(job.model, weights))
+    model = cached_model(job.model, weights, None, fs.precision)
     decode = decode_args(model)
     per_shard = max(1, round(np.mean([s["num_samples"] for s in shard_table])))
     shards = _evenly_spaced(shard_table, fs.pca_sample, per_shard)
@@ -109,17 +143,20 @@ def load_stacks(job_dir: str, layers) -> dict:
 def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir: str,
                   provenance: dict, num_threads: int | None = 1, subset_manifest: str | None = None
                   ) -> dict:
-    """Extract one shard (or only its keys in ``subset_manifest``)."""
+    """Extract one shard (or only its keys in ``subset_manifest``) with the job's recipe
+    (``provenance["recipe"]``: a task whose device would make other arithmetic refuses)."""
     job = JobSpec.model_validate(spec)
     only = selected_keys(subset_manifest, shard_index) if subset_manifest else None
     layout = JobLayout(job_dir)
     fs = job.features
-    model = to_best_device(load_model(job.model, weights))
+    model = cached_model(job.model, weights, provenance.get("weights_sha256"), fs.precision)
     return extract_shard(model, load_stacks(job_dir, fs.layers), url, shard_index,
                          str(layout.features_file(shard_index)), layers=fs.layers,
                          batch_size=fs.batch_size, decode=decode_args(model),
                          max_pixels=job.data.max_image_pixels, provenance=provenance,
-                         num_threads=num_threads, only_keys=only, decode_workers=fs.decode_workers,
+                         num_threads=num_threads, only_keys=only,
+                         decode_workers=decode_workers_for(fs.decode_workers, current_device(),
+                                                           num_threads),
                          decode_backend=fs.decode_backend)
 
 

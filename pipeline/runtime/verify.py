@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 
 from pipeline.data.subsets import selected_keys
 from pipeline.features.extract import read_metadata
+from pipeline.features.recipe import FeatureRecipe, RecipeMismatch, check_one_recipe
 from pipeline.index.faiss_index import all_ids
-from pipeline.layout import JobLayout
+from pipeline.layout import JobLayout, read_json
 from pipeline.runtime.artifacts import load_layer_index
 from pipeline.store.softmax_store import SoftmaxStore
 
@@ -32,14 +33,16 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
                subset_manifest: str | None = None, subset_apply: str | None = None) -> dict:
     """Check the invariant for every shard; with a subset: selected keys = written + skipped."""
     layout = JobLayout(job_dir)
-    expected_ids, all_keys, skipped = [], [], {}
+    expected_ids, all_keys, skipped, recipes = [], [], {}, {}
     for shard in shard_table:
         path = layout.features_file(shard["shard_index"])
         if not path.is_file():
             raise VerifyFailed(f"{path}: missing: shard {shard['shard_index']} ({shard['url']}) has "
                                "no feature file (see `knn-defense status`)")
         table = pq.read_table(path, columns=["key", "id"])
-        stats = read_metadata(path)["stats"]
+        meta = read_metadata(path)
+        stats = meta["stats"]
+        recipes[str(path)] = meta.get("recipe")
         keys = table.column("key").to_pylist()
         ids = table.column("id").to_numpy()
         skipped_keys = {k: reason for k, reason in stats.get("skipped_keys", [])}
@@ -68,6 +71,17 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
             skipped[reason] = skipped.get(reason, 0) + 1
         expected_ids.append(ids[indexed])
         all_keys += keys
+    try:  # one job's vectors must all come from one arithmetic (pipeline/features/recipe.py)
+        recipe = check_one_recipe(recipes)
+    except RecipeMismatch as err:
+        raise VerifyFailed(str(err)) from None
+    for layer in layers:
+        info = layout.index_info(layer)
+        recorded = read_json(info).get("recipe") if info.is_file() else None
+        if recipe is not None and recorded is not None and recorded != recipe.as_dict():
+            raise VerifyFailed(f"{info}: index built from features of recipe "
+                               f"{FeatureRecipe.from_dict(recorded).id}, but the feature files "
+                               f"are recipe {recipe.id}: re-run the index stage")
     expected = np.concatenate(expected_ids) if expected_ids else np.zeros(0, np.int64)
     _check_same("parquet", expected, np.unique(expected))
     if len(set(all_keys)) != len(all_keys):
@@ -77,6 +91,7 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
     with SoftmaxStore(layout.store_dir, partitions) as store:
         _check_same("store", np.fromiter(store.iter_ids(), np.int64), expected)
     return {"keys": int(expected.size), "skipped": skipped, "layers": list(layers),
+            "recipe": recipe.id if recipe else None,
             "partitions": partitions, "subset": subset_apply}
 
 

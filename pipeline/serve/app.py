@@ -36,8 +36,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__
-from pipeline.data.shards import decode_image
 from pipeline.features.backbones import decode_args
+from pipeline.features.tensor_decode import decode_like_database
 
 WEIGHTINGS = ("uw", "cbw_e", "cbw_d")
 TOP_CLASSES = 5
@@ -215,11 +215,13 @@ class _Params:
         return b if b is not None else q
 
 
-def _decode_one(data: bytes, i: int, max_pixels: int, decode: dict) -> np.ndarray:
+def _decode_one(data: bytes, i: int, max_pixels: int, decode: dict, decoder: str = "pil"
+                ) -> np.ndarray:
+    """One request image, decoded as the database's images were (``decoder``: the recipe's)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return decode_image(data, max_pixels, **decode)
+            return decode_like_database(data, max_pixels, decoder, **decode)
     except (OverflowError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         raise _bad(413, f"images[{i}]: too many pixels ({exn}; max_image_pixels={max_pixels})"
                    ) from None
@@ -350,7 +352,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
             raise _bad(422, "no images in the request (multipart field or JSON list \"images\")")
 
         def decode_all():
-            return np.stack([_decode_one(d, i, max_image_pixels, decode)
+            return np.stack([_decode_one(d, i, max_image_pixels, decode, defense.decoder)
                              for i, d in enumerate(datas)])
 
         images = await run_in_threadpool(decode_all)
@@ -392,7 +394,8 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
                 "cbw_d": {"m": defense.cbw_d_m, "p": defense.cbw_d_p},
                 "num_classes": int(model.num_classes), "index_sizes": index_sizes(),
                 "input": {"size": decode["size"], "channels": decode["channels"],
-                          "resize": decode["resize"], "interpolation": decode["interpolation"]}, "limits": limits,
+                          "resize": decode["resize"], "interpolation": decode["interpolation"]},
+                "recipe": defense.recipe, "limits": limits,
                 "batching": batcher.stats()}
 
     return app
