@@ -17,6 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.devices import current_device
 from pipeline.ids import split_ids
 
 
@@ -52,8 +53,9 @@ def _as_vectors(vectors: np.ndarray, binary: bool) -> np.ndarray:
 
 
 def train_index(vectors: np.ndarray, factory: str, seed: int = 0):
-    """Train (k-means for IVF, codebooks for PQ/SQ) on a sample; uses GPUs when present.
-    Binary factories take packed uint8 codes [N, bits / 8]."""
+    """Train (k-means for IVF, codebooks for PQ/SQ) on a sample; IVF k-means runs on this
+    work's GPU when it has one (:func:`kmeans_gpu`). Binary factories take packed uint8 codes
+    [N, bits / 8]."""
     binary = is_binary_factory(factory)
     vectors = _as_vectors(vectors, binary)
     index = new_index(vectors.shape[1] * (8 if binary else 1), factory)
@@ -71,11 +73,62 @@ def train_index(vectors: np.ndarray, factory: str, seed: int = 0):
             raise ValueError(f"index factory {factory!r} needs at least {nlist} training vectors, "
                              f"got {len(vectors)}: lower nlist or raise index.train_sample")
         ivf.cp.seed = seed
-        if num_gpus() > 0:  # k-means on GPU, the index itself stays a CPU index
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(vectors.shape[1]))
+        gpu = kmeans_gpu()
+        if gpu is not None and not index.is_trained:  # the index itself stays a CPU index
+            with _gpu_flat(gpu) as make_flat, clustering_with(ivf, make_flat):
+                index.train(vectors)
     if not index.is_trained:
         index.train(vectors)
     return index
+
+
+def kmeans_gpu() -> int | None:
+    """The GPU ordinal IVF k-means runs on: the one this work was given (pipeline.devices:
+    under Ray the task's assigned GPU, ordinal 0 of the visible ones), when FAISS has GPU
+    support and sees a GPU; None: on the CPU, also when a GPU is visible but not assigned."""
+    if num_gpus() == 0:  # faiss-cpu: decided without asking torch
+        return None
+    device = current_device()
+    if not device.startswith("cuda"):
+        return None
+    return int(device.partition(":")[2] or 0)
+
+
+def clustering_index_for(ivf, make_flat):
+    """The flat index the IVF's k-means assigns vectors with, ``make_flat(d, metric)``: in the
+    IVF's own dimension ``ivf.d`` (behind a PCA/OPQ pre-transform it trains on the transform's
+    output, not on the data's width) and with its metric (inner product or L2)."""
+    return make_flat(ivf.d, ivf.metric_type)
+
+
+@contextlib.contextmanager
+def clustering_with(ivf, make_flat):
+    """``ivf.clustering_index`` set to :func:`clustering_index_for` while the block trains, then
+    reset to None: the IVF does not own it, so it must not keep a pointer to it once freed."""
+    index = clustering_index_for(ivf, make_flat)
+    ivf.clustering_index = index
+    try:
+        yield index
+    finally:
+        ivf.clustering_index = None
+
+
+@contextlib.contextmanager
+def _gpu_flat(device: int):
+    """``make_flat(d, metric)`` building flat indexes on GPU ``device`` only; on exit the
+    indexes it made and their GPU resources (memory, streams, cuBLAS handle) are freed."""
+    resources = faiss.StandardGpuResources()
+    made = []
+
+    def make_flat(d: int, metric: int):
+        made.append(faiss.index_cpu_to_gpu(resources, device, faiss.IndexFlat(d, metric)))
+        return made[-1]
+
+    try:
+        yield make_flat
+    finally:
+        made.clear()  # the GPU indexes go before the resources they were made with
+        resources = None
 
 
 def _has_ivf(index) -> bool:
