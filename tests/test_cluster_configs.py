@@ -2,6 +2,7 @@
 with each other, with the Ray the code runs on, and with what the ImageNet job specs ask for."""
 
 import re
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -45,17 +46,55 @@ def _ray_version_of_image(image: str) -> str:
     return match.group(1)
 
 
+def _gpu_faiss() -> Requirement:
+    """The one faiss build of the gpu extra, pinned exactly (the cluster installs that version)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    faiss = [Requirement(r) for r in project["optional-dependencies"]["gpu"]
+             if Requirement(r).name.startswith("faiss")]
+    assert len(faiss) == 1 and faiss[0].name.startswith("faiss-gpu"), faiss
+    assert str(faiss[0].specifier).startswith("=="), faiss[0]
+    return faiss[0]
+
+
 def test_launcher_and_image_pin_what_pyproject_pins():
     pins = _pins()
+    faiss = _gpu_faiss()
     launcher = _launcher()
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     for installs in (_installs(launcher["setup_commands"]), _installs(dockerfile.splitlines())):
         for name in ("torch", "torchvision"):
             assert f"=={installs[name]}" == str(pins[name].specifier), name
-        assert pins["faiss-gpu"].specifier.contains(installs["faiss-gpu"])
-        assert "faiss-cpu" not in installs  # both provide `faiss`: never together
+        # exactly the gpu extra's faiss build, no other (each provides `faiss`: never two)
+        assert {n: v for n, v in installs.items() if n.startswith("faiss")} == {
+            faiss.name: str(faiss.specifier).removeprefix("==")}
     assert "knn-defense[gpu]" in " ".join(launcher["setup_commands"])
     assert "[gpu]" in dockerfile
+
+
+def test_gpu_nodes_need_the_driver_of_torchs_cuda_13(tmp_path):
+    """torch 2.14.1 is a CUDA 13.0 build: the image asks the NVIDIA container runtime for CUDA >= 13.0
+    and the launcher's host check refuses a GPU node whose driver is older than 580."""
+    assert version("torch").startswith("2.14.1")
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r'^ENV NVIDIA_REQUIRE_CUDA="cuda>=13\.0"$', dockerfile, re.M)
+    check = next(c for c in _launcher()["initialization_commands"] if "nvidia-smi" in c)
+
+    def run(driver: str | None):
+        bin_dir = tmp_path / (driver or "none")
+        bin_dir.mkdir()
+        if driver:
+            smi = bin_dir / "nvidia-smi"
+            smi.write_text(f"#!/bin/sh\necho {driver}\n")
+            smi.chmod(0o755)
+            path = f"{bin_dir}:/usr/bin:/bin"
+        else:
+            path = str(bin_dir)  # a node without a GPU (head, memory workers): nothing to check
+        return subprocess.run(["/bin/bash", "-c", check], env={"PATH": path}, capture_output=True, text=True)
+
+    assert run(None).returncode == 0
+    assert run("580.95.05").returncode == 0 and run("590.12").returncode == 0
+    old = run("575.57.08")
+    assert old.returncode != 0 and "needs >= 580" in old.stderr
 
 
 def test_one_ray_version_everywhere_and_it_is_the_one_installed():
