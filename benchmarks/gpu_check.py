@@ -209,7 +209,7 @@ def fit_transforms(model, device: str, precision: str, n: int = 512):
 
 
 def extract_run(model, transforms, shard: str, out_dir: Path, *, device: str, precision: str,
-                backend: str, batch: int, threads: int) -> dict:
+                backend: str, batch: int, threads: int, processes: bool = False) -> dict:
     from pipeline.features.backbones import decode_args
 
     model = to_device(model, device, precision)
@@ -220,15 +220,23 @@ def extract_run(model, transforms, shard: str, out_dir: Path, *, device: str, pr
     t0 = time.time()
     counts = extract_shard(model, transforms, shard, 0, str(out), layers=layers_of(model),
                            batch_size=batch, decode=decode_args(model), max_pixels=1 << 30,
-                           provenance={}, decode_workers=threads, decode_backend=backend)
+                           provenance={}, decode_workers=threads, decode_backend=backend,
+                           decode_processes=processes)
     sync(device)
     seconds = time.time() - t0
     result = {"img_per_s": round(counts["written"] / seconds, 1), "images": counts["written"],
-              "seconds": round(seconds, 2), "decode_threads": threads if backend == "pil" else 0}
+              "seconds": round(seconds, 2),
+              "decode_workers": threads if backend == "pil" else 0}
     if device.startswith("cuda"):
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     out.unlink(missing_ok=True)
     return result
+
+
+def warm_pool(workers: int) -> None:
+    from pipeline.data.shards import _decode_chunk, decode_process_pool
+
+    list(decode_process_pool(workers).map(_decode_chunk, [[]] * 4 * workers, [()] * 4 * workers))
 
 
 def extraction_table(arch: str, shards: dict[str, str], device: str, precision: str,
@@ -237,13 +245,18 @@ def extraction_table(arch: str, shards: dict[str, str], device: str, precision: 
     transforms = fit_transforms(model, device, precision, n=16 if batch <= 16 else 512)
     bare = bare_forward(model, device, precision, batch, bare_seconds)
     out = {"arch": arch, "precision": precision, "batch": batch, "bare_img_per_s": bare}
-    backends = ["pil", "torchvision"]
+    runs = {"pil-threads": ("pil", False), "pil-processes": ("pil", True),
+            "torchvision": ("torchvision", False)}
     for size_name, shard in shards.items():
-        for backend in backends:
+        for name, (backend, processes) in runs.items():
+            if processes:  # start the pool first: it starts once per extraction worker
+                warm_pool(threads)
             run = extract_run(model, transforms, shard, workdir, device=device,
-                              precision=precision, backend=backend, batch=batch, threads=threads)
+                              precision=precision, backend=backend, batch=batch,
+                              threads=threads, processes=processes)
             run["ratio_to_bare"] = round(run["img_per_s"] / bare, 3)
-            out[f"{size_name}/{backend}"] = run
+            out[f"{size_name}/{name}"] = run
+            print(f"    {arch}/{precision} {size_name}/{name}: {run['img_per_s']} img/s", flush=True)
     return out
 
 
@@ -326,7 +339,7 @@ def main() -> None:
     report.step("forward_img_per_s", forward_table,
                 ["efficientnet-lite0"] if args.tiny else ["efficientnet-lite0", "resnet50"],
                 ["fp32", "bf16"] if args.tiny else ["bf16", "fp32", "tf32"],
-                [batch] if args.tiny else [128, 256], device, seconds)
+                [batch] if args.tiny else [128, 256], device, 0.2 if args.tiny else 1.5)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jpegs = {"256px": make_jpegs(n256, 256, 1), "1080px": make_jpegs(n1080, 1080, 2)}

@@ -145,6 +145,10 @@ class FeaturesSpec(_Strict):
     # decode threads per extraction task; auto: 2 on a CPU (measured best on 2 cores), and on a
     # GPU every CPU the task was given but one (the GPU forwards far faster than a core decodes)
     decode_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # what runs the Pillow decode: threads (enough on a few cores) or processes (threads stop
+    # scaling at about one core's worth of images; a GPU node needs many cores' worth);
+    # auto: processes when the model is on a GPU, else threads
+    decode_executor: Literal["auto", "threads", "processes"] = "auto"
     # the forward pass's arithmetic (part of the feature recipe, pipeline/features/recipe.py):
     # fp32 (on a GPU with TF32 off), tf32 (GPU only), bf16 (autocast); auto: fp32, the GPU
     # default chosen from the measured agreement between recipes (docs/gpu.md)

@@ -13,7 +13,7 @@ import re
 import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Container, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
@@ -282,11 +282,32 @@ def iter_encoded(url: str, stats: ShardStats, *, keys: Container[str] | None = N
     yield from _parsed_samples(url, stats, True, keys, meta_exts)
 
 
+_PROCESS_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def decode_process_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` decode processes, started once and kept (an
+    extraction worker reuses it for every shard). Spawned, not forked: the parent may hold CUDA
+    and running threads, which a fork would copy half-way."""
+    pool = _PROCESS_POOLS.get(workers)
+    if pool is None:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _PROCESS_POOLS[workers] = pool
+    return pool
+
+
+def _decode_chunk(datas: list[bytes], args: tuple) -> list:
+    return [decode_or_reason(data, *args) for data in datas]
+
+
 def iter_samples(
     url: str, stats: ShardStats, *, decode: bool = True, channels: int = 3,
     max_pixels: int = 89_478_485, size: int | None = None, keys: Container[str] | None = None,
     meta_exts: Container[str] = META_EXTS, resize: int | None = None,
     interpolation: str = "bicubic", workers: int = 0, lookahead: int = 256,
+    processes: bool = False, chunk: int = 16,
 ) -> Iterator[Sample]:
     """Samples of one shard, in tar order, decoded (or metadata only, without reading image
     bytes), skipping and counting bad ones. With ``keys``, other samples are passed over unread
@@ -294,7 +315,10 @@ def iter_samples(
 
     With ``workers`` > 0, images are decoded by that many threads up to ``lookahead`` samples
     ahead of the consumer, so decoding overlaps the model's forward pass (Pillow releases the
-    GIL while decoding and resizing; torch while computing)."""
+    GIL while decoding and resizing; torch while computing). With ``processes``, by that many
+    processes instead (:func:`decode_process_pool`), ``chunk`` images per call: threads stop
+    scaling at about one core's worth of images, because everything around the decode holds the
+    GIL, which a GPU node with many cores cannot afford (docs/gpu.md)."""
     parsed = _parsed_samples(url, stats, decode, keys, meta_exts)
     if not decode:
         yield from (sample for sample, _ in parsed)
@@ -315,6 +339,9 @@ def iter_samples(
             if (done := finish(sample, decode_or_reason(data, *args))) is not None:
                 yield done
         return
+    if processes:
+        yield from _process_decoded(parsed, finish, args, workers, lookahead, chunk)
+        return
     pending: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         try:
@@ -331,6 +358,43 @@ def iter_samples(
         finally:
             for _, future in pending:  # consumer stopped early: drop queued work
                 future.cancel()
+
+
+def _process_decoded(parsed, finish, args: tuple, workers: int, lookahead: int, chunk: int
+                     ) -> Iterator[Sample]:
+    """iter_samples' decode by a process pool: chunks of ``chunk`` images, in order, at most
+    ``lookahead`` images ahead."""
+    pool = decode_process_pool(workers)
+    pending: deque = deque()  # (samples, future of their decode results)
+    queued = 0
+    samples, datas = [], []
+
+    def drain_one():
+        nonlocal queued
+        done_samples, future = pending.popleft()
+        queued -= len(done_samples)
+        for sample, result in zip(done_samples, future.result(), strict=True):
+            if (done := finish(sample, result)) is not None:
+                yield done
+
+    try:
+        for sample, data in parsed:
+            samples.append(sample)
+            datas.append(data)
+            if len(samples) == chunk:
+                pending.append((samples, pool.submit(_decode_chunk, datas, args)))
+                queued += len(samples)
+                samples, datas = [], []
+                while queued > lookahead:
+                    yield from drain_one()
+        if samples:
+            pending.append((samples, pool.submit(_decode_chunk, datas, args)))
+            queued += len(samples)
+        while pending:
+            yield from drain_one()
+    finally:
+        for _, future in pending:  # consumer stopped early: drop queued work
+            future.cancel()
 
 
 def scan_shard(url: str) -> ShardStats:

@@ -127,13 +127,14 @@ def _label(label: int | None) -> int:
 
 
 def pil_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
-                max_pixels: int, only_keys=None, workers: int = 2
+                max_pixels: int, only_keys=None, workers: int = 2, processes: bool = False
                 ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
     """(keys, labels, [B, H, W, C] uint8 images) decoded by Pillow in ``workers`` threads up to
     two batches ahead, so decoding overlaps the forward pass. uint8 until the device: a quarter
     of float32's bytes to stack and to copy to a GPU."""
     samples = iter_samples(shard_url, stats, max_pixels=max_pixels, keys=only_keys,
-                           workers=workers, lookahead=2 * batch_size, **decode)
+                           workers=workers, lookahead=2 * batch_size, processes=processes,
+                           **decode)
     for batch in batches(samples, batch_size):
         yield ([s.key for s in batch], [_label(s.label) for s in batch],
                torch.from_numpy(np.stack([s.image for s in batch])))
@@ -296,12 +297,13 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
                   *, layers, batch_size: int | str, decode: dict,
                   max_pixels: int, provenance: dict,
                   num_threads: int | None = None, only_keys=None, decode_workers: int = 2,
-                  decode_backend: str = "auto", flush_rows: int = 4096) -> dict:
+                  decode_backend: str = "auto", flush_rows: int = 4096,
+                  decode_processes: bool = False) -> dict:
     """Write ``out_path`` (Parquet: key, id, label, one column per layer holding its stored
     codes, softmax) for one shard, with ``transforms`` = {layer: LayerTransform},
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
-    Images are decoded by Pillow in ``decode_workers`` threads up to two batches ahead, so the
-    model is not starved, or by torchvision on the model's device (``decode_backend``; ``auto``:
+    Images are decoded by Pillow in ``decode_workers`` threads (or processes, with
+    ``decode_processes``) up to two batches ahead, so the model is not starved, or by torchvision on the model's device (``decode_backend``; ``auto``:
     nvJPEG when the model is on a GPU). Streamed in row groups of ``flush_rows`` to a temp name
     and renamed at the end (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
@@ -316,7 +318,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     if backend == "torchvision":
         decoded = tensor_batches(shard_url, stats, batch_size, device=device, **source)
     else:
-        decoded = pil_batches(shard_url, stats, batch_size, workers=decode_workers, **source)
+        decoded = pil_batches(shard_url, stats, batch_size, workers=decode_workers,
+                              processes=decode_processes, **source)
     # The next batch is read and decoded while this one runs through the model.
     decoded = prefetched(decoded, depth=2)
     to_input = DeviceFeeder(device)

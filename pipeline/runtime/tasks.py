@@ -62,6 +62,11 @@ def cached_model(model_spec, weights: str, weights_sha256: str | None, precision
     return model
 
 
+def decode_in_processes(executor: str, device: str) -> bool:
+    """``features.decode_executor``; auto: processes on a GPU, threads on a CPU."""
+    return executor == "processes" or (executor == "auto" and device.startswith("cuda"))
+
+
 def decode_workers_for(requested, device: str, num_threads: int | None) -> int:
     """``features.decode_workers``; auto: 2 on a CPU (measured best on 2 cores, where decode
     threads share cores with the forward), on a GPU all of the task's CPUs but one."""
@@ -157,7 +162,9 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
                          num_threads=num_threads, only_keys=only,
                          decode_workers=decode_workers_for(fs.decode_workers, current_device(),
                                                            num_threads),
-                         decode_backend=fs.decode_backend)
+                         decode_backend=fs.decode_backend,
+                         decode_processes=decode_in_processes(fs.decode_executor,
+                                                              current_device()))
 
 
 def _search_vectors(feature_file: str, layer: str, job_dir: str) -> np.ndarray:
