@@ -121,6 +121,56 @@ def test_worker_killed_mid_feature_shard_is_retried_and_nothing_is_lost(data, tm
     assert result["keys"] == 2400 and result["skipped"] == {}
 
 
+def _features_processes() -> set[int]:
+    """Pids of this process's Ray workers running a features unit now (their process title)."""
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("knn-defense:features" in part for part in proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_extraction_actor_killed_mid_shard_redoes_the_shard_on_its_restart(data, tmp_path, ray_local):
+    """The features stage runs on long-lived actors (one per CPU slot: 2 here). SIGKILL one
+    while it extracts a shard: Ray restarts it and retries the shard on it within the same run
+    (one manifest attempt), 6 shards use at most 3 processes (2 actors and the restart), and the
+    job verifies. One layer and one store partition keep the job short."""
+    spec = load_job(job_yaml(data, tmp_path / "job", "actor-kill", features={"layers": ["conv_4_1"]},
+                             store={"partitions": 1}))
+    layout = JobLayout(spec.output_dir)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(summary=run_job(spec, "verify")))
+    runner.start()
+    killed, seen = None, set()
+    while runner.is_alive() and not layout.features_dir.is_dir():  # no scans before features
+        time.sleep(0.05)
+    while runner.is_alive() and killed is None:
+        found = _features_worker_mid_shard(data / "db", layout.features_dir)
+        if found:
+            proc, shard = found
+            seen.add(proc.pid)
+            proc.send_signal(signal.SIGKILL)
+            killed = shard
+        time.sleep(0.02)
+    while runner.is_alive() and len(list(layout.features_dir.glob("*.parquet"))) < 6:
+        seen |= _features_processes()
+        time.sleep(0.1)
+    runner.join(600)
+    assert killed is not None, "no extraction actor was caught mid-shard"
+    summary = outcome["summary"]
+    assert summary["status"] == "done" and summary["stages"]["features"]["done"] == 6
+    assert (layout.features_dir / f"{killed}.parquet").is_file()
+    attempts = {unit: n for (stage, unit), (n, _) in done_units(layout.root).items() if stage == "features"}
+    assert attempts == {f"{i:05d}": 1 for i in range(6)}  # retried by Ray, not by a new run
+    assert len(seen) <= 3, seen  # workers outlived their shards: a pool, not a task per shard
+    result = verify_ok(layout.root)
+    assert result["keys"] == 2400 and result["skipped"] == {}
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_job_then_resume_redoes_nothing_done(data, tmp_path, ray_local):
     path = job_yaml(data, tmp_path / "job", "driver-kill")
