@@ -212,15 +212,23 @@ def foolbox_photos() -> list[Path]:
 
 
 def fashion_mnist_run(weights: Path, n_self: int, n_queries: int) -> dict:
-    from pipeline.config import ModelSpec
+    import yaml
+
+    from pipeline.config import ModelSpec, TrainSpec
     from pipeline.data.fashion_mnist import load_split
     from pipeline.features.backbones import load_model
+    from pipeline.train.classifier import train_classifier
 
     root = Path(__import__("os").environ.get("KNN_DEFENSE_FASHION_MNIST_DIR",
                                              "/usr/share/datasets/fashion-mnist"))
-    train = load_split(root, "train")[0][..., None]
-    test = load_split(root, "test")[0][..., None]
-    model = load_model(ModelSpec(), weights)
+    train, train_labels = load_split(root, "train")
+    train, test = train[..., None], load_split(root, "test")[0][..., None]
+    demo = yaml.safe_load((ROOT / "jobs/demo.yaml").read_text())
+    spec = ModelSpec(**demo["model"])
+    if not weights.is_file():  # the demo's classifier, trained as the demo's train stage does
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        train_classifier(spec, TrainSpec(**demo["train"]), train, train_labels, weights, 2)
+    model = load_model(spec, weights)
     layer = "conv_4_2"
     stack = fit_stack(model, train[:10_000], layer, 64)
     rows = np.random.default_rng(0).choice(len(train), n_self, replace=False)
@@ -245,8 +253,8 @@ def lite0_run(n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fmnist-weights", type=Path, required=True,
-                    help="a trained SmallResNet (e.g. runs/demo/model/classifier.pt)")
+    ap.add_argument("--fmnist-weights", type=Path, default=ROOT / "runs/recipe-agreement/fmnist.pt",
+                    help="the demo's trained SmallResNet (trained here first when missing)")
     ap.add_argument("--self-queries", type=int, default=5000)
     ap.add_argument("--queries", type=int, default=5000)
     ap.add_argument("--lite0-images", type=int, default=2000)

@@ -270,3 +270,40 @@ def test_shard_is_streamed_in_row_groups_with_the_same_content(tmp_path):
     streamed, whole = tables[24], tables[10**6]
     assert streamed.equals(whole)
     assert streamed.column("id").to_pylist() == [(3 << 24) + i for i in range(100)]
+
+
+@pytest.mark.slow
+def test_one_feature_recipe_recorded_and_mixed_recipes_refused(finished_job, tmp_path):
+    """Every feature shard and index.json carry the same recipe; the query side runs it; a shard
+    made by other arithmetic makes verify fail with one line naming it."""
+    import json
+    import shutil
+
+    from pipeline.features.extract import META_KEY
+    from pipeline.features.recipe import FeatureRecipe
+    from pipeline.layout import read_json
+    from pipeline.runtime.verify import VerifyFailed, verify_folder
+
+    spec, layout, _, _ = finished_job
+    files = sorted(layout.features_dir.glob("*.parquet"))
+    recipes = {json.dumps(read_metadata(f)["recipe"], sort_keys=True) for f in files}
+    assert len(recipes) == 1
+    recipe = FeatureRecipe.from_dict(json.loads(recipes.pop()))
+    assert (recipe.device, recipe.precision, recipe.decoder) == ("cpu", "fp32", "pil")
+    for layer in LAYERS:
+        assert read_json(layout.index_info(layer))["recipe"] == recipe.as_dict()
+    defense = DefendedClassifier.from_job(layout.root)
+    assert defense.recipe["differs"] == {} and defense.decoder == "pil"
+    assert defense.model.feature_precision == "fp32"
+
+    copy = tmp_path / "job"
+    shutil.copytree(layout.root, copy)
+    victim = copy / "features" / files[1].name
+    table = pq.read_table(victim)
+    meta = dict(table.schema.metadata)
+    mixed = json.loads(meta[META_KEY])
+    mixed["recipe"]["precision"] = "bf16"
+    meta[META_KEY] = json.dumps(mixed).encode()
+    pq.write_table(table.replace_schema_metadata(meta), victim)
+    with pytest.raises(VerifyFailed, match=rf"{victim.name}: made by feature recipe .*precision fp32 vs bf16"):
+        verify_folder(str(copy))

@@ -126,3 +126,42 @@ def test_gpu_check_tiny_mode_runs_every_step(tmp_path):
     assert agreement["self_retrieval"]["rate"] == 1.0  # the same recipe finds every image
     assert np.isclose(agreement["self_retrieval"]["cosine_min"], 1.0)
     assert result["pixels"]["device_vs_cpu_torchvision"]["max_abs_levels"] == 0  # both CPU here
+
+
+def test_auto_batch_counts_decode_buffers_and_the_gpu_share():
+    from pipeline.features.extract import DECODE_BYTES_PER_IMAGE, batch_for_memory
+
+    gib = 2**30
+    alone = batch_for_memory(100 * gib, 140 * gib, 1.0, 20e6, 0, cap=10**6)
+    with_nvjpeg = batch_for_memory(100 * gib, 140 * gib, 1.0, 20e6,
+                                   DECODE_BYTES_PER_IMAGE["torchvision"], cap=10**6)
+    half_gpu = batch_for_memory(100 * gib, 140 * gib, 0.5, 20e6, 0, cap=10**6)
+    assert with_nvjpeg < alone  # a decoded 1080-px photo per slot is not free
+    assert half_gpu == int(0.7 * 70 * gib / 20e6)  # a task given half a GPU sizes on half
+    assert batch_for_memory(gib, 140 * gib, 1.0, 1e12, 0) == 8  # never below 8
+    assert batch_for_memory(100 * gib, 140 * gib, 1.0, 1, 0) == 1024  # the cap
+
+
+def test_query_decoded_like_an_nvjpeg_database():
+    """A torchvision-decoded database's queries get torchvision's pixels (on the CPU), not
+    Pillow's; bad bytes raise what Pillow's path raises."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.features.tensor_decode import decode_batch, decode_like_database
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buf, "JPEG")
+    decode = {"channels": 3, "size": 224, "resize": 256, "interpolation": "bilinear"}
+    batch, kept, _ = decode_batch([buf.getvalue()], "cpu", max_pixels=10**8, **decode)
+    tv = decode_like_database(buf.getvalue(), 10**8, "torchvision", **decode)
+    assert kept == [0] and tv.dtype == np.uint8 and tv.shape == (224, 224, 3)
+    assert np.array_equal(tv, (batch[0] * 255).round().byte().permute(1, 2, 0).numpy())
+    pil = decode_like_database(buf.getvalue(), 10**8, "pil", **decode)
+    assert not np.array_equal(tv, pil)
+    with pytest.raises(UnidentifiedImageError):
+        decode_like_database(b"not an image", 10**8, "torchvision", **decode)
+    with pytest.raises(OverflowError):
+        decode_like_database(buf.getvalue(), 1000, "torchvision", **decode)

@@ -210,15 +210,15 @@ def _hash(*parts) -> str:
     return fingerprint(*parts, length=12)
 
 
-def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int):
+def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int,
+                 decoder: str = "pil"):
     """(sample keys, images uint8, labels) of the fixed-seed query sample, plus the rest of the
-    split (the white-box attacker may draw from it: images outside the query sample)."""
-    from pipeline.data.shards import load_images
+    split (the white-box attacker may draw from it: images outside the query sample). Decoded
+    by ``decoder``, the database recipe's."""
+    from pipeline.features.tensor_decode import load_images_like_database
 
-    decode = decode_args(model)
-    keys, images, labels, skipped = load_images(query_urls, decode["channels"], decode["size"],
-                                                max_pixels, None, decode["resize"],
-                                                decode["interpolation"])
+    keys, images, labels, skipped = load_images_like_database(
+        query_urls, decoder, max_pixels=max_pixels, **decode_args(model))
     if (labels < 0).any():
         raise ValueError("evaluation needs a label (.cls) for every query image")
     chosen = np.arange(len(images))
@@ -238,7 +238,7 @@ def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: li
     sample; then their features per layer (the defense's own pooling and PCA) and softmax."""
     import pyarrow.parquet as pq
 
-    from pipeline.data.shards import load_images
+    from pipeline.features.tensor_decode import load_images_like_database
     from pipeline.layout import JobLayout
     from pipeline.runtime.artifacts import load_spec
 
@@ -263,10 +263,9 @@ def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: li
     wanted = {db_keys[i] for i in rng.choice(len(db_keys), n_in, replace=False)}
     parts = []
     if wanted:
-        decode = decode_args(defense.model)
-        keys, images, _, _ = load_images(table.column("url").to_pylist(), decode["channels"],
-                                         decode["size"], job.data.max_image_pixels, None,
-                                         decode["resize"], decode["interpolation"])
+        keys, images, _, _ = load_images_like_database(
+            table.column("url").to_pylist(), defense.decoder,
+            max_pixels=job.data.max_image_pixels, **decode_args(defense.model))
         parts.append(images[[i for i, k in enumerate(keys) if k in wanted]])
     if n_out:
         parts.append(rest["images"][rng.choice(len(rest["images"]), n_out, replace=False)])
@@ -418,7 +417,8 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     try:
         layers = list(job.features.layers)
         queries, rest = load_queries(expand_shards(job.data.queries), primary.defense.model, ev,
-                                     job.data.max_image_pixels)
+                                     job.data.max_image_pixels,
+                                     decoder=primary.defense.decoder)
         defense = primary.defense
         ctx = AttackContext(
             defense.model, ev.seed,

@@ -85,11 +85,20 @@ def auto_batch_size(model, requested: int | str = "auto", cap: int = 1024, *,
     base = torch.cuda.memory_allocated(device)
     probe = torch.rand(8, model.in_channels, size, size)
     forward_features(model, probe, model.tap_names()[-1:])
-    per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) / 8)
-    per_image += decode_bytes_per_image + model.in_channels * size * size  # + the uint8 input
+    forward_bytes = (torch.cuda.max_memory_allocated(device) - base) / 8
     free, total = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free, total, share, forward_bytes,
+                            decode_bytes_per_image + model.in_channels * size * size, cap)
+
+
+def batch_for_memory(free: int, total: int, share: float, forward_bytes: float,
+                     other_bytes: float, cap: int = 1024, fill: float = 0.7) -> int:
+    """Images per batch that fill ``fill`` of this task's memory: the free memory, but no more
+    than its ``share`` of the GPU (the rest belongs to the tasks it shares the GPU with), over
+    each image's forward activations plus ``other_bytes`` (decode buffers, the uint8 input)."""
+    per_image = max(1.0, forward_bytes + other_bytes)
     usable = min(free, share * total)
-    return int(max(8, min(cap, 0.7 * usable / per_image)))
+    return int(max(8, min(cap, fill * usable / per_image)))
 
 
 @torch.inference_mode()

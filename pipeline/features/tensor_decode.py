@@ -127,3 +127,37 @@ def decode_like_database(data: bytes, max_pixels: int, decoder: str, *, channels
                 img = resize_center_crop(img, size, resize or size, interpolation)
             return img.permute(1, 2, 0).contiguous().numpy()
     return decode_image(data, max_pixels, **args)
+
+
+def load_images_like_database(urls: list[str], decoder: str, *, channels: int, size: int | None,
+                              max_pixels: int, resize: int | None = None,
+                              interpolation: str = "bicubic"
+                              ) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """``pipeline.data.shards.load_images`` (keys, uint8 images, labels, skip counts), decoded
+    the way the database's images were (the recipe's ``decoder``): evaluation queries must meet
+    the database in the same pixels."""
+    from collections import Counter
+
+    from pipeline.data.shards import NoDecodableImage, ShardStats, iter_encoded, load_images
+
+    if decoder != "torchvision":
+        return load_images(urls, channels, size, max_pixels, None, resize, interpolation)
+    keys, images, labels = [], [], []
+    skipped: Counter = Counter()
+    for url in urls:
+        stats = ShardStats()
+        for sample, data in iter_encoded(url, stats):
+            try:
+                image = decode_like_database(data, max_pixels, decoder, channels=channels,
+                                             size=size, resize=resize,
+                                             interpolation=interpolation)
+            except Exception as exn:  # noqa: BLE001 - skipped and counted like the CPU path
+                stats.skip("corrupt_image", sample.key, str(exn))
+                continue
+            keys.append(sample.key)
+            images.append(image)
+            labels.append(-1 if sample.label is None else sample.label)
+        skipped.update(stats.skipped)
+    if not images:
+        raise NoDecodableImage(f"no decodable image in {len(urls)} shard(s)")
+    return keys, np.stack(images), np.asarray(labels, dtype=np.int64), dict(skipped)

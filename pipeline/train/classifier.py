@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.devices import current_device
 from pipeline.features.backbones import build_model, images_to_tensor
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def train_classifier(model_spec, train_spec, images: np.ndarray, labels: np.ndar
         raise ValueError("training needs a label (.cls) for every image")
     torch.manual_seed(train_spec.seed)
     gen = torch.Generator().manual_seed(train_spec.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = current_device()  # the GPU Ray assigned this task, if any (pipeline/devices.py)
     model = build_model(model_spec).to(device).to(memory_format=torch.channels_last)
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(labels)
