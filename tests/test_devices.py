@@ -71,10 +71,10 @@ def probe():
 
     import ray
 
-    from pipeline.devices import current_device
+    from pipeline.devices import current_device, current_gpu_share
 
     return {"device": current_device(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
-            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "share": current_gpu_share()}
 
 
 def visible():
@@ -85,7 +85,7 @@ out = {}
 with ray_session(num_cpus=2, num_gpus=1, env_vars={"KNN_DEFENSE_FAKE_CUDA": "1"}):
     manifest = Manifest(os.path.join(sys.argv[1], "manifest.sqlite"))
     for actors in (False, True):
-        for gpus in (1, 0):
+        for gpus in (1, 0.5, 0):
             report = run_units(manifest, f"probe-{actors}-{gpus}", [Unit("u", probe)], "fp",
                                num_gpus=gpus, actors=actors, progress=False, collect=True)
             out[f"{'actor' if actors else 'task'} num_gpus={gpus}"] = report.results["u"]
@@ -116,7 +116,12 @@ def test_ray_assigns_the_device_of_tasks_and_actors(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     seen = json.loads(out.strip().splitlines()[-1])
     for kind in ("task", "actor"):
-        assert seen[f"{kind} num_gpus=1"] == {"device": "cuda:0", "gpu_ids": ["0"], "visible": "0"}
-        assert seen[f"{kind} num_gpus=0"] == {"device": "cpu", "gpu_ids": [], "visible": ""}
+        assert seen[f"{kind} num_gpus=1"] == {"device": "cuda:0", "gpu_ids": ["0"], "visible": "0",
+                                              "share": 1.0}
+        # half a GPU: the same device, and memory-sized choices keep to half of it
+        assert seen[f"{kind} num_gpus=0.5"] == {"device": "cuda:0", "gpu_ids": ["0"],
+                                                "visible": "0", "share": 0.5}
+        assert seen[f"{kind} num_gpus=0"] == {"device": "cpu", "gpu_ids": [], "visible": "",
+                                              "share": 1.0}
     assert seen["bare"] == ""
     assert seen["bare, override off"] == "0,1"

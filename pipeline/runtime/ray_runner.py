@@ -222,7 +222,10 @@ def _call(fn, args, kwargs):
     with _gpus_hidden_unless_assigned(gpu_ids):
         # CUDA is probed only when GPUs were assigned: torch fixes its device count at the first
         # probe, so a probe in a CPU unit would initialise CUDA for this worker's lifetime.
-        set_current_device(task_device(gpu_ids, cuda_available() if gpu_ids else False))
+        # a fraction of a GPU (num_gpus < 1): memory-sized choices keep to that share
+        share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0) if gpu_ids else 1.0
+        set_current_device(task_device(gpu_ids, cuda_available() if gpu_ids else False),
+                           gpu_share=min(1.0, float(share) or 1.0))
         try:
             return fn(*args, **kwargs), ray.get_runtime_context().get_node_id()
         finally:
