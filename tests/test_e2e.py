@@ -299,11 +299,11 @@ def test_one_feature_recipe_recorded_and_mixed_recipes_refused(finished_job, tmp
     copy = tmp_path / "job"
     shutil.copytree(layout.root, copy)
     victim = copy / "features" / files[1].name
-    table = pq.read_table(victim)
-    meta = dict(table.schema.metadata)
-    mixed = json.loads(meta[META_KEY])
+    mixed = read_metadata(victim)
     mixed["recipe"]["precision"] = "bf16"
-    meta[META_KEY] = json.dumps(mixed).encode()
-    pq.write_table(table.replace_schema_metadata(meta), victim)
+    table = pq.read_table(victim)
+    with pq.ParquetWriter(victim, table.schema) as writer:  # the same rows, another recipe
+        writer.write_table(table)
+        writer.add_key_value_metadata({META_KEY: json.dumps(mixed).encode()})
     with pytest.raises(VerifyFailed, match=rf"{victim.name}: made by feature recipe .*precision fp32 vs bf16"):
         verify_folder(str(copy))

@@ -165,3 +165,10 @@ def test_query_decoded_like_an_nvjpeg_database():
         decode_like_database(b"not an image", 10**8, "torchvision", **decode)
     with pytest.raises(OverflowError):
         decode_like_database(buf.getvalue(), 1000, "torchvision", **decode)
+
+
+def test_docs_tables_match_the_committed_results():
+    """docs/*.md result tables are rendered from benchmarks/results/*.json (no drift)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/render_docs.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
