@@ -104,7 +104,20 @@ def gpu_extract() -> str:
     return text
 
 
-RENDERERS = {"gpu-recipes": gpu_recipes, "cpu-recipes": cpu_recipes, "gpu-forward": gpu_forward,
+def shard_overhead() -> str:
+    data = _load("shard_overhead.json")
+    rows = ["| how shards run | stage wall s | wall s / shard | worker-s per shard beyond extraction |",
+            "|---|---|---|---|"]
+    for mode, m in data["modes"].items():
+        rows.append(f"| {mode} | {m['wall_s']} | {m['seconds_per_shard']} "
+                    f"| {m['overhead_s_per_shard']} |")
+    return ("\n".join(rows) + f"\n\n{data['shards']} shards of {data['images_per_shard']} "
+            f"Fashion-MNIST images, {data['model']}, {data['cpus']} CPUs (two shards at a time); the "
+            f"extraction itself takes {data['in_process_s_per_shard']} s per shard in one "
+            "process.\n")
+
+
+RENDERERS = {"shard-overhead": shard_overhead, "gpu-recipes": gpu_recipes, "cpu-recipes": cpu_recipes, "gpu-forward": gpu_forward,
              "gpu-extract": gpu_extract}
 
 
