@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.defense.weighting import neighbour_weights, vote  # noqa: E402
 from pipeline.features.extract import forward_features, to_device  # noqa: E402
+from pipeline.weighting import neighbour_weights, vote  # noqa: E402
 
 K = 50
 

@@ -55,7 +55,6 @@ import torch  # noqa: E402
 from pipeline.config import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_ENV, ModelSpec  # noqa: E402
 from pipeline.data.fashion_mnist import encode_image, load_split  # noqa: E402
 from pipeline.data.shards import decode_image  # noqa: E402
-from pipeline.defense.weighting import diversity_weights, entropy_weights, vote  # noqa: E402
 from pipeline.features.backbones import (  # noqa: E402
     decode_args,
     images_to_tensor,
@@ -67,6 +66,7 @@ from pipeline.features.transforms import fit_pca  # noqa: E402
 from pipeline.ids import make_ids  # noqa: E402
 from pipeline.store.encodings_eval import RULES, decisions_agree  # noqa: E402
 from pipeline.store.softmax_store import partition_dir, write_partition  # noqa: E402
+from pipeline.weighting import diversity_weights, entropy_weights, vote  # noqa: E402
 
 LAYER = "head"
 BATCH = 64

@@ -28,10 +28,10 @@ from pipeline.attacks.knn_aware import (
 )
 from pipeline.attacks.pgd import pgd_l2
 from pipeline.attacks.projection import normalised_l2, project_minimal
-from pipeline.defense.weighting import diversity_weights
 from pipeline.features.backbones import images_to_tensor, pool
 from pipeline.features.stack import LayerTransform
 from pipeline.features.transforms import fit_pca
+from pipeline.weighting import diversity_weights
 from tests.conftest import synthetic_images, train_tiny_model
 
 LAYER = "conv_4_1"

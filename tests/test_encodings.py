@@ -3,7 +3,6 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.defense.weighting import diversity_weights, entropy_weights
 from pipeline.ids import make_ids
 from pipeline.store.encodings_eval import decisions_agree
 from pipeline.store.softmax_store import (
@@ -18,6 +17,7 @@ from pipeline.store.softmax_store import (
     value_version,
     write_partition,
 )
+from pipeline.weighting import diversity_weights, entropy_weights
 
 C = 1000
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.defense.weighting import (
+from pipeline.weighting import (
     diversity_weights,
     entropy_weights,
     predict,

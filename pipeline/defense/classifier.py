@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from pipeline.defense.searchers import ColocatedSearcher, LocalSearcher, Neighbours, concat
-from pipeline.defense.weighting import neighbour_weights, vote
 from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, stack_poolers
+from pipeline.weighting import neighbour_weights, vote
 
 
 class DefendedClassifier:

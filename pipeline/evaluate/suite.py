@@ -184,7 +184,7 @@ def _vote_weights(ctx: AttackContext, weighting: str) -> torch.Tensor | None:
         return None
     key = ("vote_weights", weighting)
     if key not in ctx._cache:
-        from pipeline.defense.weighting import neighbour_weights
+        from pipeline.weighting import neighbour_weights
 
         ctx._cache[key] = torch.as_tensor(
             neighbour_weights(ctx.attack_db.softmax.numpy(), weighting, *ctx.cbw_d),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.defense.weighting import predict, vote
 from pipeline.store.softmax_store import decode_with_weights, encode_many
+from pipeline.weighting import predict, vote
 
 RULES = ("uw", "cbw_e", "cbw_d")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
-from pipeline.defense.weighting import diversity_weights, entropy_weights
 from pipeline.ids import NO_RESULT, partition
+from pipeline.weighting import diversity_weights, entropy_weights
 
 # Value header: 1-byte encoding version, uint16 class count. Old versions stay decodable.
 ENCODING_FLOAT16 = 1
