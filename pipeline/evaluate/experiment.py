@@ -54,7 +54,7 @@ from pipeline.evaluate.suite import (
     set_statistics,
 )
 from pipeline.features.backbones import decode_args, images_to_tensor
-from pipeline.runtime.job import fingerprint
+from pipeline.fingerprints import fingerprint
 
 log = logging.getLogger(__name__)
 

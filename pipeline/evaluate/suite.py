@@ -65,7 +65,7 @@ class AttackSet:
         return attack_title(self.attack, self.threat)
 
     def fingerprint(self, *context) -> str:
-        from pipeline.runtime.job import fingerprint
+        from pipeline.fingerprints import fingerprint
 
         params = self.spec.model_dump(exclude={"budget", "layers", "batch_size", "tag"})
         return fingerprint(params, self.budget, self.layer, context, length=12)

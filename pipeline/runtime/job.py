@@ -6,8 +6,6 @@ and upstream outputs they depend on), so re-running a job redoes only what chang
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shlex
 import time
@@ -24,6 +22,7 @@ from pipeline.config import ConfigError, JobSpec, is_url
 from pipeline.data.shards import expand_shards
 from pipeline.features.backbones import build_model, file_sha256
 from pipeline.features.recipe import FeatureRecipe, make_recipe
+from pipeline.fingerprints import fingerprint
 from pipeline.ids import MAX_SHARDS, partition_of_shard
 from pipeline.layout import JobLayout, read_json, write_json
 from pipeline.runtime import tasks
@@ -47,11 +46,6 @@ STAGES = ["import", "shards", "subset", "train", "transforms", "features", "inde
 ACTOR_STAGES = frozenset({"features"})
 # Single big tasks: by default the largest node's CPUs (at most this many).
 BIG_TASK_MAX_CPUS = 8
-
-
-def fingerprint(*parts, length: int = 16) -> str:
-    """Content hash of ``parts`` (JSON, keys sorted): what a unit or cell was built from."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 @dataclass
