@@ -301,8 +301,8 @@ def index_info(job_dir):
     """Per layer: factory, layout, vectors, nprobe, measured recall, memory estimate, files."""
     import json
 
+    from pipeline.jobfolder import load_spec
     from pipeline.layout import JobLayout, read_json
-    from pipeline.runtime.artifacts import load_spec
 
     layout = JobLayout(job_dir)
     for layer in load_spec(job_dir).features.layers:
@@ -334,8 +334,8 @@ def index_search(job_dir, layer, k, nprobe, vectors):
     import numpy as np
 
     from pipeline.index.faiss_index import search
+    from pipeline.jobfolder import KeyLookup, load_layer_index
     from pipeline.layout import JobLayout
-    from pipeline.runtime.artifacts import KeyLookup, load_layer_index
 
     layout = JobLayout(job_dir)
     index = load_layer_index(layout, layer, nprobe)
@@ -560,7 +560,7 @@ def _recorded_spec(job_dir: str):
     """The resolved spec a job folder (or URL: its local staging copy, else the upload) was
     started with."""
     from pipeline.config import is_url, parse_job
-    from pipeline.runtime.artifacts import load_spec
+    from pipeline.jobfolder import load_spec
 
     if not is_url(job_dir):
         return load_spec(job_dir)

@@ -48,8 +48,8 @@ class DefendedClassifier:
                  **overrides) -> DefendedClassifier:
         """Load a finished job folder (checks that its recorded hashes agree). ``colocated``:
         search through one Ray actor per partition (needs ``index.layout: sharded``)."""
+        from pipeline.jobfolder import load_defense_parts
         from pipeline.layout import JobLayout, read_json
-        from pipeline.runtime.artifacts import load_defense_parts
 
         parts = load_defense_parts(job_dir, local_search=not colocated)
         spec = parts.pop("spec")
@@ -63,7 +63,7 @@ class DefendedClassifier:
                       stored_weights=read_json(JobLayout(job_dir).store_info)["encoding"] == "topk")
         kwargs.update(overrides)
         defense = cls(**parts, **kwargs)
-        from pipeline.runtime.artifacts import KeyLookup
+        from pipeline.jobfolder import KeyLookup
 
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
         return defense

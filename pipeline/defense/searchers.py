@@ -72,8 +72,8 @@ class PartitionServer:
     actor hosts (``ColocatedSearcher``), testable without Ray."""
 
     def __init__(self, job_dir: str | os.PathLike, partition_index: int, layers: list[str]):
+        from pipeline.jobfolder import load_layer_index, load_spec
         from pipeline.layout import JobLayout, read_json
-        from pipeline.runtime.artifacts import load_layer_index, load_spec
         from pipeline.store.softmax_store import SoftmaxStore
 
         spec = load_spec(job_dir)

@@ -239,8 +239,8 @@ def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: li
     import pyarrow.parquet as pq
 
     from pipeline.features.tensor_decode import load_images_like_database
+    from pipeline.jobfolder import load_spec
     from pipeline.layout import JobLayout
-    from pipeline.runtime.artifacts import load_spec
 
     rng = np.random.default_rng(spec_ad.seed)
     n_in = int(round(spec_ad.size * spec_ad.overlap))
@@ -404,8 +404,8 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     from pipeline.attacks.knn_aware import feature_fn_for
     from pipeline.data.shards import expand_shards
     from pipeline.evaluate.report import write_report
+    from pipeline.jobfolder import load_spec
     from pipeline.layout import JobLayout
-    from pipeline.runtime.artifacts import load_spec
 
     job = load_spec(job_dir)
     ev = ev or job.evaluate

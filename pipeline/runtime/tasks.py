@@ -219,7 +219,7 @@ def tune_task(job_dir: str, layer: str, feature_files: list[str], k: int, target
     import faiss
 
     from pipeline.index.choice import tune_nprobe
-    from pipeline.runtime.artifacts import load_layer_index
+    from pipeline.jobfolder import load_layer_index
 
     layout = JobLayout(job_dir)
     vectors, ids = [], []

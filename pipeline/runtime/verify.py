@@ -10,8 +10,8 @@ from pipeline.data.subsets import selected_keys
 from pipeline.features.extract import read_metadata
 from pipeline.features.recipe import FeatureRecipe, RecipeMismatch, check_one_recipe
 from pipeline.index.faiss_index import all_ids
+from pipeline.jobfolder import load_layer_index
 from pipeline.layout import JobLayout, read_json
-from pipeline.runtime.artifacts import load_layer_index
 from pipeline.store.softmax_store import SoftmaxStore
 
 
@@ -98,7 +98,7 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
 def verify_folder(job_dir: str) -> dict:
     """The invariant on a job folder as it is (a path, or a URL: its stages with completion
     markers), from its recorded spec and shard table; no Ray needed."""
-    from pipeline.runtime.artifacts import load_spec
+    from pipeline.jobfolder import load_spec
     from pipeline.runtime.remote import local_job_dir
 
     root = local_job_dir(job_dir, required=["shards", "features", "index", "store"])

@@ -1,4 +1,7 @@
-"""Loading a finished job folder's parts, refusing folders whose recorded hashes disagree."""
+"""Loading a finished job folder's parts, refusing folders whose recorded hashes disagree.
+
+The one reader of job folders (layer 3, above the stages whose files it opens): the query side,
+the evaluation, the runtime and the CLI load specs, indexes and the store through it."""
 
 from __future__ import annotations
 
