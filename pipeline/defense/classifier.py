@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline.defense.searchers import ColocatedSearcher, LocalSearcher, Neighbours, concat
+from pipeline.defense.searchers import LocalSearcher, Neighbours, concat
 from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, stack_poolers
 from pipeline.weighting import neighbour_weights, vote
@@ -39,25 +39,24 @@ class DefendedClassifier:
         # before truncation; use those instead of recomputing them from the truncated one.
         self.stored_weights = stored_weights
         self.keys_of = None  # id -> key lookup, set by from_job
-        # Neighbours come from the local indexes + store, or from co-located partition actors.
+        # Neighbours come from the local indexes + store, or from a searcher given by the
+        # caller (e.g. co-located partition actors, pipeline/runtime/colocated.py).
         self.searcher = searcher or LocalSearcher(indexes, store, nprobe, stored_weights,
                                                   cbw_d_m, cbw_d_p)
 
     @classmethod
-    def from_job(cls, job_dir: str | os.PathLike, colocated: bool = False,
+    def from_job(cls, job_dir: str | os.PathLike, *, searcher=None,
                  **overrides) -> DefendedClassifier:
-        """Load a finished job folder (checks that its recorded hashes agree). ``colocated``:
-        search through one Ray actor per partition (needs ``index.layout: sharded``)."""
+        """Load a finished job folder (checks that its recorded hashes agree). ``searcher``:
+        where neighbours come from instead of the folder's indexes and store, which are then not
+        opened, e.g. co-located partition actors (``pipeline.runtime.colocated``)."""
         from pipeline.jobfolder import load_defense_parts
         from pipeline.layout import JobLayout, read_json
 
-        parts = load_defense_parts(job_dir, local_search=not colocated)
+        parts = load_defense_parts(job_dir, local_search=searcher is None)
         spec = parts.pop("spec")
-        if colocated:
-            if spec.index.layout != "sharded":
-                raise ValueError(f"{job_dir}: co-located search needs index.layout: sharded")
-            parts["searcher"] = ColocatedSearcher(job_dir, spec.features.layers,
-                                                  spec.store.partitions)
+        if searcher is not None:
+            parts["searcher"] = searcher
         # nprobe: each index keeps the one index.json records (configured or tuned)
         kwargs = dict(k=spec.evaluate.k, cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=read_json(JobLayout(job_dir).store_info)["encoding"] == "topk")

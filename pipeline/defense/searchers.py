@@ -1,10 +1,10 @@
-"""Where a query's neighbours come from: a local index + store, or co-located Ray actors that
-each own one index shard and the matching store partition (same ``partition(id)``), so a query
-fans out once and every neighbour comes back with its softmax vector attached."""
+"""Where a query's neighbours come from: a local index + store (``LocalSearcher``), or any
+searcher with the same ``neighbours`` / ``close`` methods handed to the classifier, such as the
+co-located partition actors that runtime builds (pipeline/runtime/colocated.py: one actor per
+index shard and its store partition, answers joined by ``merge_topk``)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,65 +65,3 @@ class LocalSearcher:
 
     def close(self) -> None:
         self.store.close()
-
-
-class PartitionServer:
-    """One partition's index shards (every layer) and store partition; a plain class that a Ray
-    actor hosts (``ColocatedSearcher``), testable without Ray."""
-
-    def __init__(self, job_dir: str | os.PathLike, partition_index: int, layers: list[str]):
-        from pipeline.jobfolder import load_layer_index, load_spec
-        from pipeline.layout import JobLayout, read_json
-        from pipeline.store.softmax_store import SoftmaxStore
-
-        spec = load_spec(job_dir)
-        layout = JobLayout(job_dir)
-        self.partition_index = partition_index
-        indexes = {layer: load_layer_index(layout, layer, None, [partition_index])
-                   for layer in layers}
-        store = SoftmaxStore(layout.store_dir, spec.store.partitions, only=[partition_index])
-        stored_weights = read_json(layout.store_info)["encoding"] == "topk"
-        self.local = LocalSearcher(indexes, store, None, stored_weights,
-                                   spec.evaluate.cbw_d.m, spec.evaluate.cbw_d.p)
-
-    def neighbours(self, layer: str, vectors: np.ndarray, k: int) -> Neighbours:
-        return self.local.neighbours(layer, vectors, k)
-
-    def ntotal(self) -> dict[str, int]:
-        return {layer: int(index.ntotal) for layer, index in self.local.indexes.items()}
-
-    def close(self) -> None:
-        self.local.close()
-
-
-class ColocatedSearcher:
-    """Fan a query out to one Ray actor per partition and merge their top-k. Needs a job built
-    with ``index.layout: sharded``; the store partitions are opened by the actors only."""
-
-    def __init__(self, job_dir: str | os.PathLike, layers: list[str], num_partitions: int,
-                 num_cpus: float = 0.5):
-        import ray
-
-        actor = ray.remote(PartitionServer).options(num_cpus=num_cpus)
-        self.actors = [actor.remote(str(job_dir), p, list(layers)) for p in range(num_partitions)]
-        self.store = None  # owned by the actors
-
-    def neighbours(self, layer: str, vectors: np.ndarray, k: int) -> Neighbours:
-        import ray
-
-        parts = ray.get([a.neighbours.remote(layer, vectors, k) for a in self.actors])
-        return merge_topk(parts, k)
-
-    def ntotal(self) -> dict[str, int]:
-        import ray
-
-        totals = ray.get([a.ntotal.remote() for a in self.actors])
-        return {layer: sum(t[layer] for t in totals) for layer in totals[0]}
-
-    def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.get(a.close.remote())
-            ray.kill(a)
-        self.actors = []
