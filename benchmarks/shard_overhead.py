@@ -62,9 +62,9 @@ def job_spec(work: Path):
     import torch
     import yaml
 
-    from pipeline.config import load_job
     from pipeline.data.fashion_mnist import write_split_shards
     from pipeline.features.backbones import SmallResNet
+    from pipeline.validate import load_job
 
     images, labels, source = fashion_mnist(SHARDS * PER_SHARD)
     write_split_shards(images, labels, work / "db", "train", samples_per_shard=PER_SHARD)

@@ -10,8 +10,9 @@ import click
 import yaml
 
 from pipeline import __version__
-from pipeline.config import ConfigError, load_job
+from pipeline.config import ConfigError
 from pipeline.runtime.job import STAGES
+from pipeline.validate import load_job
 
 
 def _one_line_errors(fn):
@@ -103,8 +104,8 @@ def _run(job_yaml, address, num_cpus, sets, no_progress, until, quiet=False):
     if _is_jobs_address(address):
         raise ConfigError(f"--address {address} is a Jobs API address: use `knn-defense submit` "
                           "(run takes a Ray address such as auto or ray://HEAD:10001)")
-    spec = load_job(job_yaml, _parse_sets(sets))
-    summary = run_job(spec, until, address=address, num_cpus=num_cpus,
+    spec = load_job(job_yaml, _parse_sets(sets))  # inputs checked here, naming the file
+    summary = run_job(spec, until, address=address, num_cpus=num_cpus, check_inputs=False,
                       **_progress_modes(no_progress, quiet))
     _finish(summary, until)
 

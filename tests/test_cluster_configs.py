@@ -10,7 +10,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pipeline.config import load_job
+from pipeline.validate import load_job
 
 try:
     import tomllib

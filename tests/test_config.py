@@ -4,7 +4,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_job
+from pipeline.config import ConfigError
+from pipeline.validate import load_job
 
 
 def _write(tmp_path, raw) -> str:
@@ -120,6 +121,20 @@ def test_missing_input_shards_are_all_named(tmp_path):
     assert problems[1].startswith("data.queries: 1 of 1 input shard(s) missing")
     assert problems[2] == f"model.weights {str(tmp_path / 'w.pt')!r} not found"
     assert load_job(_write(tmp_path, raw), check_inputs=False).name == "t"
+
+
+def test_run_job_checks_inputs_before_any_work(tmp_path):
+    """Python callers of run_job get the same input check as the CLI, before Ray or a folder."""
+    from pipeline.config import parse_job
+    from pipeline.runtime.job import run_job
+
+    spec = parse_job({"name": "t", "output_dir": str(tmp_path / "out"),
+                      "data": {"database": str(tmp_path / "missing"), "queries": str(tmp_path)}})
+    with pytest.raises(ConfigError) as err:
+        run_job(spec)
+    assert str(err.value).startswith("job t: ") and len(err.value.problems) == 2
+    assert err.value.problems[0].startswith("data.database: 1 of 1 input shard(s) missing")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["imagenet-ig-targeted", "imagenet-ig-all"])

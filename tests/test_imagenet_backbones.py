@@ -113,7 +113,7 @@ def test_job_spec_checks_arch_taps_and_weights(tmp_path):
            "model": {"arch": "efficientnet-lite0"}, "features": {"layers": ["stage6", "head"]}}
     spec = parse_job(raw)
     assert spec.model.num_classes == 1000 and spec.model.in_channels == 3
-    from pipeline.config import _unknown_layers
+    from pipeline.validate import _unknown_layers
 
     assert _unknown_layers(spec) == []
     raw["features"]["layers"] = ["conv_5_1"]

@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import load_job
 from pipeline.data.generated import write_generated_shards
 from pipeline.data.hashtags import load_vocabulary
 from pipeline.layout import JobLayout
 from pipeline.runtime.job import run_job
+from pipeline.validate import load_job
 
 SPEC = Path(__file__).parent.parent / "jobs" / "imagenet-ig-small.yaml"
 

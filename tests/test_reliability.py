@@ -20,12 +20,12 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import load_job
 from pipeline.data.fashion_mnist import write_split_shards
 from pipeline.features.backbones import SmallResNet
 from pipeline.layout import JobLayout
 from pipeline.runtime.job import run_job
 from pipeline.runtime.manifest import Manifest
+from pipeline.validate import load_job
 from tests.conftest import synthetic_images
 from tests.ray_procs import kill_pids, loopback_env, ray_head, stop_process_tree, token_file
 
@@ -286,7 +286,7 @@ import json, os, sys
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.config import load_job
+from pipeline.validate import load_job
 from pipeline.layout import JobLayout
 from pipeline.runtime.job import run_job
 from pipeline.runtime.manifest import Manifest

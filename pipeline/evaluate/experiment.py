@@ -162,22 +162,22 @@ def variant_job(job_spec, variant: DatabaseVariant, exp: ExperimentSpec, weights
 def build_databases(exp: ExperimentSpec, address: str | None = None, num_cpus: int | None = None,
                     progress: bool = True) -> list[tuple[str, str]]:
     """Run the job (and each database variant) through ``verify``; [(label, job_dir)]."""
-    from pipeline.config import load_job
     from pipeline.layout import JobLayout, read_json
     from pipeline.runtime.job import run_job
     from pipeline.runtime.ray_runner import ray_session
+    from pipeline.validate import load_job
 
     job_spec = load_job(exp.job)
     out = []
     with ray_session(address or job_spec.runtime.address, num_cpus or job_spec.runtime.num_cpus):
-        run_job(job_spec, until="verify", progress=progress)
+        run_job(job_spec, until="verify", progress=progress, check_inputs=False)
         layout = JobLayout(job_spec.output_dir)
         weights = str(layout.root / read_json(layout.model_info)["path"])
         if exp.include_job_database:
             out.append((job_spec.name, job_spec.output_dir))
         for variant in exp.databases:
             spec = variant_job(job_spec, variant, exp, weights)
-            run_job(spec, until="verify", progress=progress)
+            run_job(spec, until="verify", progress=progress, check_inputs=False)
             out.append((variant.name, spec.output_dir))
     return out
 
@@ -481,6 +481,6 @@ def run_experiment(exp: ExperimentSpec, address: str | None = None, num_cpus: in
 
 
 def _job_dir(exp: ExperimentSpec) -> str:
-    from pipeline.config import load_job
+    from pipeline.validate import load_job
 
     return load_job(exp.job).output_dir

@@ -36,6 +36,7 @@ from pipeline.runtime.ray_runner import (
     ray_session,
     run_units,
 )
+from pipeline.validate import check_paths
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +555,7 @@ def _remote_for(spec: JobSpec):
 
 def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = None,
             num_cpus: int | None = None, progress: bool | None = None,
-            announce: bool | None = None) -> dict:
+            announce: bool | None = None, check_inputs: bool = True) -> dict:
     """Run a validated job up to and including stage ``until`` (default: all stages; or
     ``index.train`` / ``index.populate`` / ``index.merge``: up to that step of the index stage),
     like make: units already done with the same fingerprint are not run again. Returns the
@@ -562,11 +563,16 @@ def run_job(spec: JobSpec, until: str | None = None, *, address: str | None = No
     stage failed: the stage's other units finish, later stages do not start.
 
     With an fsspec URL as output_dir the job runs in a local staging folder and each finished
-    stage is uploaded, then marked complete (pipeline/runtime/remote.py)."""
+    stage is uploaded, then marked complete (pipeline/runtime/remote.py).
+
+    Missing inputs (shards, weights, unknown taps: pipeline/validate.py) raise one ConfigError
+    listing them before any work; ``check_inputs=False`` when the caller has just checked them."""
     last, _, step = (until or STAGES[-1]).partition(".")
     if last not in STAGES or (step and (last != "index" or step not in INDEX_STEPS)):
         raise ConfigError(f"unknown stage {until!r}; stages are {STAGES} "
                           f"(and {['index.' + s for s in INDEX_STEPS]})")
+    if check_inputs:
+        check_paths(spec, f"job {spec.name}")
     to_run = STAGES[: STAGES.index(last) + 1]
     progress = spec.runtime.progress if progress is None else progress
     announce = progress if announce is None else announce
