@@ -161,7 +161,8 @@ for _stage in STAGES:
 def evaluate(job_yaml, address, num_cpus, sets, no_progress, quiet):
     """Run an experiment file (attacks x databases x defenses: tables, plots, claims), or a job
     up to its evaluate stage when JOB_YAML is a job spec. Cells already written are reused."""
-    from pipeline.evaluate.experiment import is_experiment_file, load_experiment, run_experiment
+    from pipeline.evaluate.experiment import is_experiment_file, load_experiment
+    from pipeline.runtime.experiment import run_experiment
 
     if not is_experiment_file(job_yaml):
         _run(job_yaml, address, num_cpus, sets, no_progress, "evaluate", quiet)

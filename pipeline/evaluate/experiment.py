@@ -1,7 +1,7 @@
 """Experiments: the evaluation grid over attacks x databases x defenses, resumable by cell.
 
 An experiment file names a job (whose pipeline builds the defense database; it is run first,
-like make), optional extra databases (subsets of the job's database: IG-N-All / IG-N-Targeted
+like make, by pipeline/runtime/experiment.py: building is the caller's step), optional extra databases (subsets of the job's database: IG-N-All / IG-N-Targeted
 of several sizes, built by the same pipeline with the job's classifier), and an ``evaluate``
 section with the job spec's own schema. A job's ``evaluate`` stage runs the same code on its
 one database, so a demo job and an experiment share one code path:
@@ -144,7 +144,7 @@ def _short(n: int) -> str:
     return str(n)
 
 
-# --- building the databases (Ray, through the job runner) ----------------------------------
+# --- the databases (built by pipeline/runtime/experiment.py through the job runner) ---------
 
 def variant_job(job_spec, variant: DatabaseVariant, exp: ExperimentSpec, weights: str):
     """The job that builds ``variant``: the base job on a subset, with the base job's trained
@@ -157,29 +157,6 @@ def variant_job(job_spec, variant: DatabaseVariant, exp: ExperimentSpec, weights
     raw["subset"] = variant.subset.model_dump(mode="json")
     raw["model"]["weights"] = str(Path(weights).resolve())
     return JobSpec.model_validate(raw)
-
-
-def build_databases(exp: ExperimentSpec, address: str | None = None, num_cpus: int | None = None,
-                    progress: bool = True) -> list[tuple[str, str]]:
-    """Run the job (and each database variant) through ``verify``; [(label, job_dir)]."""
-    from pipeline.layout import JobLayout, read_json
-    from pipeline.runtime.job import run_job
-    from pipeline.runtime.ray_runner import ray_session
-    from pipeline.validate import load_job
-
-    job_spec = load_job(exp.job)
-    out = []
-    with ray_session(address or job_spec.runtime.address, num_cpus or job_spec.runtime.num_cpus):
-        run_job(job_spec, until="verify", progress=progress, check_inputs=False)
-        layout = JobLayout(job_spec.output_dir)
-        weights = str(layout.root / read_json(layout.model_info)["path"])
-        if exp.include_job_database:
-            out.append((job_spec.name, job_spec.output_dir))
-        for variant in exp.databases:
-            spec = variant_job(job_spec, variant, exp, weights)
-            run_job(spec, until="verify", progress=progress, check_inputs=False)
-            out.append((variant.name, spec.output_dir))
-    return out
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -462,25 +439,3 @@ def evaluate_model(exp: ExperimentSpec, num_threads: int | None = None, progress
     result["query_skipped"] = queries["skipped"]
     result.update(write_report(out_dir, result["rows"], result["attacks"], ev, title=exp.name))
     return result
-
-
-def run_experiment(exp: ExperimentSpec, address: str | None = None, num_cpus: int | None = None,
-                   progress: bool = True) -> dict:
-    """Build what the experiment needs (Ray), then evaluate it here; writes the experiment's
-    output_dir (experiment.yaml, sets/, cells/, results.csv, attacks.csv, tables.md, plots)."""
-    out = Path(exp.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
-    if exp.job is None:
-        return evaluate_model(exp, num_cpus, progress)
-    databases = build_databases(exp, address, num_cpus, progress)
-    job_dir = databases[0][1] if exp.include_job_database else _job_dir(exp)
-    extra = databases[1:] if exp.include_job_database else databases
-    return evaluate_job(job_dir, out, exp.evaluate, extra, exp.include_job_database,
-                        num_cpus or os.cpu_count(), progress, title=exp.name)
-
-
-def _job_dir(exp: ExperimentSpec) -> str:
-    from pipeline.validate import load_job
-
-    return load_job(exp.job).output_dir
