@@ -16,16 +16,21 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export THP_MEM_ALLOC_ENABLE := 1
 export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
 
-.PHONY: help setup data demo test test-fast lint bench imagenet-samples reproduce clean gpu-wheels gpu-check
+.PHONY: help setup data demo test test-fast lint docs bench imagenet-samples reproduce clean gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# One line per step: pip's -qq shows errors only (no progress pages, no build-backend warnings),
+# and a failing step still stops make with pip's exit status.
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	touch $@
+	@echo "setup: virtualenv $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setup: pip upgrade"
+	@$(BIN)/pip install -qq --upgrade pip
+	@echo "setup: pip install -e '.[$(EXTRAS)]' (minutes the first time)"
+	@$(BIN)/pip install -qq -e '.[$(EXTRAS)]'
+	@touch $@
 
 setup: $(BIN)/.installed data  ## create .venv and install knn-defense[cpu,dev] and the demo data
 
@@ -34,8 +39,8 @@ data:  ## install Fashion-MNIST (Debian package dataset-fashion-mnist) unless it
 		exit 0; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing dataset-fashion-mnist with apt-get"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+		echo "setup: apt-get install dataset-fashion-mnist"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else \
 		echo "Fashion-MNIST not found in $(FASHION_MNIST_DIR) and no apt-get: download the four idx files and run with FASHION_MNIST_DIR=/their/folder" >&2; \
 		exit 1; \
@@ -48,7 +53,7 @@ imagenet-samples: setup  ## pack the 20 labelled ImageNet samples foolbox ships 
 	$(BIN)/knn-defense import-images "$$($(BIN)/python -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("foolbox").origin), "data"))')" \
 		--glob 'imagenet_*.jpg' --label-pattern '_(\d+)\.jpg$$' --out-dir data/imagenet-samples
 
-reproduce: setup imagenet-samples  ## the README's reproductions (Fashion-MNIST claims C1-C5, ImageNet samples)
+reproduce: setup imagenet-samples  ## the reproductions of docs/evaluation.md (Fashion-MNIST claims C1-C5, ImageNet samples)
 	$(BIN)/knn-defense evaluate experiments/fashion-mnist.yaml
 	$(BIN)/knn-defense evaluate experiments/imagenet-samples.yaml
 
@@ -60,6 +65,9 @@ test-fast: setup  ## the tests without the slow end-to-end ones
 
 lint: setup  ## ruff
 	$(BIN)/ruff check pipeline tests benchmarks
+
+docs:  ## render the tables and quoted numbers of README.md and docs/*.md from the committed results
+	$(PYTHON) scripts/render_docs.py
 
 bench: setup  ## benchmarks writing JSON under benchmarks/results/
 	$(BIN)/python benchmarks/extraction.py

@@ -2,8 +2,9 @@
 numbers in the docs cannot drift from the measurements.
 
 A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a Markdown file; NAME is a
-renderer below. ``python scripts/render_docs.py`` rewrites the tables; ``--check`` exits 1 when a
-file is out of date (the test suite runs that).
+renderer below. A number quoted in prose is ``<!-- n:NAME -->VALUE<!-- /n -->`` (README.md and
+the reference pages), NAME a key of NUMBERS. ``python scripts/render_docs.py`` (``make docs``)
+rewrites both; ``--check`` exits 1 when a file is out of date (the test suite runs that).
 """
 
 from __future__ import annotations
@@ -121,6 +122,406 @@ RENDERERS = {"shard-overhead": shard_overhead, "gpu-recipes": gpu_recipes, "cpu-
              "gpu-extract": gpu_extract}
 
 
+# --- README.md and the reference pages in docs/: tables, and numbers quoted in prose ----------
+# A number in prose is ``<!-- n:NAME -->VALUE<!-- /n -->`` (on one line); NUMBERS[NAME]() gives
+# VALUE. Sources: benchmarks/results/*.json, docs/demo_results.csv (the demo's results.csv) and
+# the committed reproduction reports docs/fm_results.md, docs/imagenet_results.md.
+
+DOCS += [ROOT / "README.md"] + [p for p in sorted((ROOT / "docs").glob("*.md")) if p not in DOCS]
+INLINE = re.compile(r"(?<!`)<!-- n:(?P<name>[\w.-]+) -->(?P<body>[^\n]*?)<!-- /n -->")
+DEMO_CSV = ROOT / "docs" / "demo_results.csv"
+# pipeline/evaluate/suite.py's column titles and pipeline's weighting names (kept here so that
+# rendering the docs imports nothing of the package)
+ATTACK_TITLES = {"pgd": "PGD", "fgsm": "FGSM", "ifgsm": "I-FGSM", "cw": "CW-L2", "pgd_pr": "PGD-PR",
+                 "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN"}
+THREAT_TITLES = {"gray_box": "gray", "black_box": "black", "white_box": "white"}
+WEIGHTING_TITLES = {"uw": "UW", "cbw_e": "CBW-E", "cbw_d": "CBW-D"}
+
+
+def _get(data, path: str):
+    for part in path.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+def _n(file: str, path: str, fmt: str = "{}", scale: float = 1):
+    """A number from benchmarks/results/<file>: ``fmt.format(value * scale)``."""
+    return lambda: fmt.format(_get(_load(file), path) * scale)
+
+
+def _range(values, fmt: str = "{:.3f}") -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+# -- the demo (docs/demo_results.csv: `make demo` writes it to runs/demo/eval/results.csv) --
+
+def _demo_rows() -> list[dict]:
+    import csv
+
+    with open(DEMO_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["budget"] = float(r["budget"] or 0)
+        r["k"] = int(r["k"])
+        for key in ("accuracy", "ci95_low", "ci95_high"):
+            r[key] = float(r[key])
+    return rows
+
+
+def _title(r: dict) -> str:
+    if r["attack"] in ("clean", "worst-case"):
+        return r["attack"]
+    name, _, tag = r["attack"].partition(".")
+    return " ".join(filter(None, (ATTACK_TITLES[name], tag, THREAT_TITLES[r["threat"]])))
+
+
+def _acc(r: dict) -> str:
+    return f"{r['accuracy']:.3f} ±{(r['ci95_high'] - r['ci95_low']) / 2:.3f}"
+
+
+def demo() -> str:
+    """The table `make demo` prints (pipeline/evaluate/report.py main_table), from the CSV."""
+    rows = _demo_rows()
+    budget = 0.06 if any(r["budget"] == 0.06 for r in rows) else min(r["budget"] for r in rows if r["budget"])
+    k = max(r["k"] for r in rows)
+    cols = ["clean"] + list(dict.fromkeys(_title(r) for r in rows if r["budget"] == budget
+                                          and r["attack"] not in ("clean", "worst-case")))
+    if any(r["attack"] == "worst-case" and r["budget"] == budget for r in rows):
+        cols.append("worst-case")
+    by = {(_title(r), r["budget"] if r["attack"] != "clean" else budget, r["layer"], r["weighting"]): r
+          for r in rows if r["k"] in (k, 0) and not r["target_layer"]}
+    head = [c if c in ("clean", "worst-case") else f"{c} {budget:g}" for c in cols]
+    lines = [f"| defense | layer | {' | '.join(head)} |", "|---|---|" + "---:|" * len(cols)]
+    for layer, rule in dict.fromkeys((r["layer"], r["weighting"]) for r in rows if r["k"] in (k, 0)):
+        name = "no defense" if layer == "none" else f"kNN {WEIGHTING_TITLES.get(rule, rule)}"
+        cells = [_acc(by[(c, budget, layer, rule)]) if (c, budget, layer, rule) in by else "–"
+                 for c in cols]
+        lines.append(f"| {name} | {'' if layer == 'none' else layer} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _demo_pgd() -> tuple[dict, dict, dict]:
+    """(no defense under PGD, the best kNN row under PGD, that defense's clean row)."""
+    rows = _demo_rows()
+    pgd = [r for r in rows if r["attack"] == "pgd"]
+    none = next(r for r in pgd if r["layer"] == "none")
+    best = max((r for r in pgd if r["layer"] != "none"), key=lambda r: r["accuracy"])
+    clean = next(r for r in rows if r["attack"] == "clean" and r["layer"] == best["layer"]
+                 and r["weighting"] == best["weighting"] and r["k"] == best["k"])
+    return none, best, clean
+
+
+def _demo_n() -> str:
+    return f"{int(_demo_rows()[0]['n']):,}"
+
+
+# -- the Fashion-MNIST reproduction (docs/fm_results.md, written by `make reproduce`) --
+
+def _md_table(path: Path, section: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """The first Markdown table after the heading ``section`` (or in the file): header, rows."""
+    lines = path.read_text().splitlines()
+    start = 0 if section is None else lines.index(section)
+    i = next(j for j in range(start, len(lines)) if lines[j].startswith("|"))
+    table = []
+    while i < len(lines) and lines[i].startswith("|"):
+        table.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+        i += 1
+    return table[0], table[2:]
+
+
+def _cell(text: str) -> tuple[float, float] | None:
+    if "±" not in text:
+        return None
+    acc, hw = text.split("±")
+    return float(acc), float(hw)
+
+
+FM = ROOT / "docs" / "fm_results.md"
+
+
+def _fm_headline() -> tuple[list[str], list[tuple[str, list]]]:
+    """The 60k database table, rows no defense and CBW-D: (column titles, [(name, cells)])."""
+    header, rows = _md_table(FM, "## Database demo (60,000 images)")
+    cols = [re.sub(r" 0\.06$", "", h) for h in header[2:]]
+    out = []
+    for row in rows:
+        if row[0] in ("no defense", "kNN CBW-D"):
+            name = row[0] if row[0] == "no defense" else f"{row[0]} {row[1]}"
+            out.append((name, [_cell(c) for c in row[2:]]))
+    return cols, out
+
+
+def fm_headline() -> str:
+    cols, rows = _fm_headline()
+    head = [f"**{c.replace('-', ' ')}**" if c == "worst-case" else c for c in cols]
+    lines = [f"| defense (database 60k) | {' | '.join(head)} |", "|---|" + "---:|" * len(cols)]
+    for name, cells in rows:
+        text = ["–" if c is None else f"{c[0]:.3f}" for c in cells]
+        text[-1] = f"**{text[-1]}**"
+        lines.append(f"| {name} | {' | '.join(text)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fm_column(title: str, defended: bool = True) -> list[float]:
+    cols, rows = _fm_headline()
+    j = cols.index(title)
+    return [cells[j][0] for name, cells in rows
+            if cells[j] is not None and (name != "no defense") == defended]
+
+
+def _fm_halfwidths(worst_only: bool = False) -> list[float]:
+    cols, rows = _fm_headline()
+    return [c[1] for _, cells in rows for j, c in enumerate(cells)
+            if c is not None and (not worst_only or cols[j] == "worst-case")]
+
+
+def _imagenet_halfwidths() -> list[float]:
+    return [float(m) for m in re.findall(r"±(\d\.\d+)", (ROOT / "docs" / "imagenet_results.md").read_text())]
+
+
+def _pct(values, digits: int = 0) -> str:
+    return _range([100 * v for v in values], f"{{:.{digits}f}}")
+
+
+# -- benchmarks --
+
+def _extraction(arch: str, images: int) -> dict:
+    return next(r for r in _load("extraction.json")["results"]
+                if r["arch"] == arch and r["images"] == images)
+
+
+def _ex(arch: str, images: int, path: str, fmt: str, scale: float = 1):
+    return lambda: fmt.format(_get(_extraction(arch, images), path) * scale)
+
+
+def store_agreement() -> str:
+    data = _load("store_agreement.json")
+    target = data["target_agreement"]
+
+    def cell(v: float) -> str:
+        s = f"{v:.4f}"
+        if s == "1.0000" and v < 1:
+            s = f"{v:.5f}"
+        return f"**{s}**" if v >= target else s
+
+    rows = ["| encoding | bytes/value | UW | CBW-E | CBW-D |", "|---|---:|---:|---:|---:|"]
+    for name, e in data["encodings"].items():
+        label = re.sub(r"^topk(\d+)$", r"topk k=\1", name)
+        rows.append(f"| {label} | {e['bytes_per_value']:,.0f} | {cell(e['uw'])} | "
+                    f"{cell(e['cbw_e'])} | {cell(e['cbw_d'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def _store_margins() -> str:
+    enc = _load("store_agreement.json")["encodings"]
+    parts = [f"k = {name[4:]} {max(e['max_disagreement_margin'].values()):.4f}"
+             for name, e in enc.items() if name.startswith("topk")]
+    return ", ".join(parts)
+
+
+def _sa_topk_meeting(rule: str) -> str:
+    data = _load("store_agreement.json")
+    ks = [int(name[4:]) for name, e in data["encodings"].items()
+          if name.startswith("topk") and e[rule] >= data["target_agreement"]]
+    return f"k ≥ {min(ks)}" if ks else "no k tried"
+
+
+def index_build() -> str:
+    d = _load("index_build.json")
+    ours, af = d["comparison"]["ours"], d["comparison"]["autofaiss"]
+    runs = ours["runs"]
+
+    def per_run(stage: str) -> str:
+        return "/".join(f"{r['stages'][stage]:.0f}" for r in runs)
+
+    best = max(af["curve"], key=lambda c: c["recall_at_50"])
+    reaches = any(c["recall_at_50"] >= d["target_recall"] for c in af["curve"])
+    threads = d["machine"]["cpus"]
+    builds = ", ".join(f"{r['build_s']:.0f}" for r in runs)
+    rows = [
+        "| | ours | autofaiss 2.18 |", "|---|---|---|",
+        f"| index chosen for {d['data']['n'] / 1e6:g}M × {d['data']['dim']} in {d['budget_mb']} MB "
+        f"| `{ours['factory']}` | `{af['factory']}` |",
+        f"| build wall time | **{ours['median_build_s']:.0f} s** (median of "
+        f"{builds}: train {per_run('train_s')}, populate "
+        f"{per_run('populate_s')}, merge {per_run('merge_s')}, tune {per_run('tune_s')}) "
+        f"| {af['median_build_s']:,.0f} s (training on all {d['data']['n'] / 1e6:g}M vectors) |",
+        f"| build time ratio ours / autofaiss | **{d['comparison']['build_time_ratio_ours_over_autofaiss']:.2f}** | |",
+        f"| recall@{d['k']} vs exact, test queries | **{ours['median_recall_at_50']:.3f}** (nprobe "
+        f"{ours['search_params']['nprobe']}, tuned on other queries) | {af['median_recall_at_50']:.3f} "
+        f"at its chosen `{','.join(af['search_params'].split(',')[:2])}`; its best is "
+        f"{best['recall_at_50']:.3f} (at nprobe {best['nprobe']}: PQ codes cap it)"
+        + ("" if reaches else f", so it never reaches {d['target_recall']}") + " |",
+        f"| queries/s at each index's own setting ({d['data']['queries']:,} queries, {threads} threads) "
+        f"| {ours['median_qps']:.0f} at recall {ours['median_recall_at_50']:.3f} "
+        f"| {af['median_qps']:.0f} at recall {af['median_recall_at_50']:.3f} |",
+        f"| peak RSS of the build process | {ours['median_peak_rss_mb_build'] / 1000:.1f} GB "
+        f"| {af['median_peak_rss_mb_build'] / 1000:.1f} GB |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def index_build_recall() -> str:
+    levels = _load("index_build.json")["comparison"]["qps_at_equal_recall"]
+    rows = ["| recall@50 ≥ | " + " | ".join(f"{x['recall_at_least']:g}" for x in levels) + " |",
+            "|---|" + "---|" * len(levels),
+            "| ours, queries/s | " + " | ".join("—" if x["ours_qps"] is None else f"{x['ours_qps']:.0f}"
+                                              for x in levels) + " |",
+            "| autofaiss, queries/s | " + " | ".join("—" if x["autofaiss_qps"] is None
+                                                    else f"{x['autofaiss_qps']:.0f}" for x in levels) + " |",
+            "| ours / autofaiss | " + " | ".join(
+                f"**{x['ratio']:.2f}**" if x["ratio"] is not None
+                else ("only ours" if x["ours_qps"] is not None else "neither") for x in levels) + " |"]
+    return "\n".join(rows) + "\n"
+
+
+def _ib_scaling(n: int, fmt: str) -> str:
+    run = next(r for r in _load("index_build.json")["scaling"]["runs"] if r["n"] == n)
+    return fmt.format(**run)
+
+
+def _hours(path: str, *more: str, fmt: str = "{:.1f}"):
+    return lambda: fmt.format(sum(_get(_load("index_build.json"), p) for p in (path, *more)) / 3600)
+
+
+def _sched_mem(units: int, key: str, fmt: str = "{}"):
+    return lambda: fmt.format(next(m for m in _load("scheduling.json")["memory"] if m["units"] == units)[key])
+
+
+def _merge_mem(n: int):
+    return lambda: f"{next(m for m in _load('subset_scan.json')['merge_memory'] if m['n_selected'] == n)['peak_rss_growth_mb']:.0f}"
+
+
+NUMBERS = {
+    # demo
+    "demo.queries": _demo_n,
+    "demo.pgd-none-pct": lambda: f"{100 * _demo_pgd()[0]['accuracy']:.1f}",
+    "demo.pgd-best-pct": lambda: f"{100 * _demo_pgd()[1]['accuracy']:.0f}",
+    "demo.pgd-best-layer": lambda: _demo_pgd()[1]["layer"],
+    "demo.pgd-best-clean": lambda: f"{_demo_pgd()[2]['accuracy']:.2f}",
+    # Fashion-MNIST reproduction (docs/fm_results.md)
+    "fm.ci-all": lambda: _range(_fm_halfwidths()),
+    "fm.ci-worst": lambda: _range(_fm_halfwidths(worst_only=True)),
+    "fm.adaptive-pct": lambda: _pct(_fm_column("adaptive white")),
+    "fm.worst-knn-pct": lambda: _pct(_fm_column("worst-case"), 1),
+    "fm.worst-none-pct": lambda: _pct(_fm_column("worst-case", defended=False), 1),
+    "fm.worst-knn": lambda: _range(_fm_column("worst-case")),
+    "fm.worst-none": lambda: _range(_fm_column("worst-case", defended=False)),
+    "imagenet.ci": lambda: _range(_imagenet_halfwidths(), "{:.2f}"),
+    # extraction (P1)
+    "ex.lite0-1k-pipe": _ex("efficientnet-lite0", 1000, "pipeline_img_per_s.decode_workers_2", "{:.1f}"),
+    "ex.lite0-1k-bare": _ex("efficientnet-lite0", 1000, "bare_forward_img_per_s", "{:.1f}"),
+    "ex.lite0-1k-ratio": _ex("efficientnet-lite0", 1000, "ratio_pipeline_over_bare.decode_workers_2", "{:.2f}"),
+    "ex.lite0-1k-ratio-main": _ex("efficientnet-lite0", 1000, "ratio_pipeline_over_bare.decode_workers_0", "{:.2f}"),
+    "ex.lite0-10k-pipe": _ex("efficientnet-lite0", 10000, "pipeline_img_per_s.decode_workers_2", "{:.1f}"),
+    "ex.lite0-10k-bare": _ex("efficientnet-lite0", 10000, "bare_forward_img_per_s", "{:.1f}"),
+    "ex.lite0-10k-ratio": _ex("efficientnet-lite0", 10000, "ratio_pipeline_over_bare.decode_workers_2", "{:.2f}"),
+    "ex.lite0-10k-ratio-main": _ex("efficientnet-lite0", 10000, "ratio_pipeline_over_bare.decode_workers_0", "{:.2f}"),
+    "ex.r50-pipe": _ex("resnet50", 1000, "pipeline_img_per_s.decode_workers_2", "{:.1f}"),
+    "ex.r50-bare": _ex("resnet50", 1000, "bare_forward_img_per_s", "{:.1f}"),
+    "ex.r50-ratio": _ex("resnet50", 1000, "ratio_pipeline_over_bare.decode_workers_2", "{:.2f}"),
+    "ex.r50-ratio-main": _ex("resnet50", 1000, "ratio_pipeline_over_bare.decode_workers_0", "{:.2f}"),
+    "ex.lite0-1k-rss": _ex("efficientnet-lite0", 1000, "pipeline_worker_peak_rss_mb", "{:.2f}", 1e-3),
+    "ex.lite0-10k-rss": _ex("efficientnet-lite0", 10000, "pipeline_worker_peak_rss_mb", "{:.2f}", 1e-3),
+    "ex.r50-rss": _ex("resnet50", 1000, "pipeline_worker_peak_rss_mb", "{:.2f}", 1e-3),
+    # subset scan
+    "ss.samples": lambda: f"{_load('subset_scan.json')['shards'] * _load('subset_scan.json')['samples_per_shard'] / 1000:.0f}k",
+    "ss.all-rate": _n("subset_scan.json", "scan.all_samples_per_s", "{:,}"),
+    "ss.all-ratio": _n("subset_scan.json", "scan.ratio_all_over_best_plain_headers", "{:.2f}"),
+    "ss.targeted-rate": _n("subset_scan.json", "scan.targeted_samples_per_s", "{:,}"),
+    "ss.targeted-ratio": _n("subset_scan.json", "scan.ratio_targeted_over_best_plain_json_txt", "{:.2f}"),
+    "ss.merge-1m-mb": _merge_mem(1_000_000),
+    "ss.merge-10m-mb": _merge_mem(10_000_000),
+    # defended query (P3)
+    "dq.vectors": _n("defended_query.json", "config.vectors", "{:.0f}M", 1e-6),
+    "dq.ivf": _n("defended_query.json", "config.factory", "`{}`"),
+    "dq.nprobe": _n("defended_query.json", "config.nprobe"),
+    "dq.batch": _n("defended_query.json", "config.batch_size"),
+    "dq.k": _n("defended_query.json", "config.k"),
+    "dq.defended-f16": _n("defended_query.json", "throughput.img_per_s.defended_float16", "{:.1f}"),
+    "dq.bare": _n("defended_query.json", "throughput.img_per_s.bare", "{:.1f}"),
+    "dq.ratio-f16": _n("defended_query.json", "throughput.ratio.float16", "{:.2f}"),
+    "dq.ratio-topk16": _n("defended_query.json", "throughput.ratio.topk16", "{:.2f}"),
+    "dq.forward-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.forward", "{:,.0f}"),
+    "dq.search-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.search", "{:.0f}"),
+    "dq.store-f16-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.store_get_float16", "{:.0f}"),
+    "dq.store-topk16-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.store_get_topk16", "{:.0f}"),
+    "dq.vote-f16-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.vote_float16", "{:.0f}"),
+    "dq.vote-topk16-ms": _n("defended_query.json", "breakdown_ms_per_batch_median.vote_topk16", "{:.0f}"),
+    "dq.index-bytes": _n("defended_query.json", "build.index.bytes_per_image", "{:,.0f}"),
+    "dq.store-f16-bytes": _n("defended_query.json", "build.stores.float16.bytes_per_image", "{:,.0f}"),
+    "dq.store-topk16-bytes": _n("defended_query.json", "build.stores.topk16.bytes_per_image", "{:.1f}"),
+    # softmax store encodings (P4)
+    "sa.images": _n("store_agreement.json", "images.total", "{:,}"),
+    "sa.fm-images": _n("store_agreement.json", "images.fashion_mnist", "{:,}"),
+    "sa.photos": _n("store_agreement.json", "images.imagenet_photos"),
+    "sa.k": _n("store_agreement.json", "neighbours.k"),
+    "sa.topk16-bytes": _n("store_agreement.json", "encodings.topk16.bytes_per_value", "{:.0f}"),
+    "sa.top1-median": _n("store_agreement.json", "context.top1_prob_quantiles_5_25_50_75_95.2", "{:.2f}"),
+    "sa.uw-margin-below-1e-3-pct": _n("store_agreement.json", "context.full_vote_margin.uw.fraction_below_1e-3", "{:.1f}", 100),
+    "sa.margins": _store_margins,
+    "sa.cbw-d-topk": lambda: _sa_topk_meeting("cbw_d"),
+    # scheduling
+    "sc.units": _n("scheduling.json", "overhead.units", "{:,}"),
+    "sc.run-units-s": _n("scheduling.json", "overhead.run_units_s", "{:.2f}"),
+    "sc.in-process-s": _n("scheduling.json", "overhead.in_process_s", "{:.2f}"),
+    "sc.ratio": _n("scheduling.json", "overhead.ratio", "{:.1f}"),
+    "sc.ms-per-unit": _n("scheduling.json", "overhead.overhead_ms_per_unit", "{:.0f}"),
+    "sc.units-per-s": _n("scheduling.json", "overhead.units_per_s"),
+    "sc.ray-startup-s": _n("scheduling.json", "overhead.ray_startup_s", "{:.0f}"),
+    "sc.rss-10k": _sched_mem(10_000, "peak_rss_mb", "{:.1f}"),
+    "sc.rss-100k": _sched_mem(100_000, "peak_rss_mb", "{:.1f}"),
+    "sc.rss-growth": _n("scheduling.json", "peak_rss_growth_mb_10k_to_100k", "{:.1f}"),
+    "sc.manifest-10k": _sched_mem(10_000, "manifest_mb", "{:.1f}"),
+    "sc.manifest-100k": _sched_mem(100_000, "manifest_mb", "{:.1f}"),
+    # serve load
+    "sl.requests": _n("serve_load.json", "result.requests", "{:,}"),
+    "sl.concurrency": _n("serve_load.json", "config.concurrency"),
+    "sl.errors": _n("serve_load.json", "result.errors"),
+    "sl.rps": _n("serve_load.json", "result.requests_per_s", "{:.0f}"),
+    "sl.p50": _n("serve_load.json", "result.latency_ms.p50", "{:.0f}"),
+    "sl.p90": _n("serve_load.json", "result.latency_ms.p90", "{:.0f}"),
+    "sl.p99": _n("serve_load.json", "result.latency_ms.p99", "{:.0f}"),
+    "sl.batches": _n("serve_load.json", "result.batcher.batches_run", "{:,}"),
+    "sl.db": _n("serve_load.json", "target.database_images", "{:,.0f}k", 1e-3),
+    # index build
+    "ib.ours-s": _n("index_build.json", "comparison.ours.median_build_s", "{:.0f}"),
+    "ib.autofaiss-s": _n("index_build.json", "comparison.autofaiss.median_build_s", "{:,.0f}"),
+    "ib.ratio": _n("index_build.json", "comparison.build_time_ratio_ours_over_autofaiss", "{:.2f}"),
+    "ib.recall": _n("index_build.json", "comparison.ours.median_recall_at_50", "{:.3f}"),
+    "ib.autofaiss-recall": _n("index_build.json", "comparison.autofaiss.median_recall_at_50", "{:.3f}"),
+    "ib.ours-factory": _n("index_build.json", "comparison.ours.factory", "`{}`"),
+    "ib.autofaiss-factory": _n("index_build.json", "comparison.autofaiss.factory", "`{}`"),
+    "ib.1e4": lambda: _ib_scaling(10_000, "{build_s:.1f} s (`{factory}`)"),
+    "ib.1e5": lambda: _ib_scaling(100_000, "{build_s:.1f} s (`{factory}`)"),
+    "ib.1e6": lambda: _ib_scaling(1_000_000, "{build_s:.0f} s (`{factory}`)"),
+    "ib.loglog-a": _n("index_build.json", "scaling.loglog_fit.a", "{:.1e}"),
+    "ib.loglog-b": _n("index_build.json", "scaling.loglog_fit.b", "{:.2f}"),
+    "ib.shard-factory": _n("index_build.json", "extrapolation.per_shard_choice.factory", "`{}`"),
+    "ib.shard-gb": _n("index_build.json", "extrapolation.per_shard_choice.memory_gb", "{:.1f}"),
+    "ib.shard-budget-gb": _n("index_build.json", "extrapolation.per_shard_choice.budget_per_shard_gb", "{:.0f}"),
+    "ib.shard-hours": _n("index_build.json", "extrapolation.per_shard_2_cores_hours", "{:.0f}"),
+    "ib.shard-train-h": _hours("extrapolation.per_shard_2_cores_s.train_s", fmt="{:.0f}"),
+    "ib.shard-populate-h": _hours("extrapolation.per_shard_2_cores_s.populate_s"),
+    "ib.shard-tune-h": _hours("extrapolation.per_shard_2_cores_s.tune_s", fmt="{:.0f}"),
+    "ib.cluster-hours": _n("index_build.json", "extrapolation.cluster_wall_hours", "{:.1f}"),
+    "ib.cluster-train-h": _hours("extrapolation.cluster_wall_s.train_s"),
+    "ib.cluster-populate-h": _hours("extrapolation.cluster_wall_s.populate_s"),
+    "ib.cluster-merge-tune-h": _hours("extrapolation.cluster_wall_s.merge_s", "extrapolation.cluster_wall_s.tune_s"),
+}
+
+RENDERERS.update({"demo": demo, "fm-headline": fm_headline, "store-agreement": store_agreement,
+                  "index-build": index_build, "index-build-recall": index_build_recall})
+
+
+def _number(m: re.Match) -> str:
+    name = m.group("name")
+    if name not in NUMBERS:
+        raise KeyError(f"unknown number {name!r}: see NUMBERS in scripts/render_docs.py")
+    return f"<!-- n:{name} -->{NUMBERS[name]()}<!-- /n -->"
+
+
 def render(text: str) -> str:
     def one(m: re.Match) -> str:
         name = m.group("name")
@@ -128,7 +529,7 @@ def render(text: str) -> str:
             raise KeyError(f"unknown table {name!r}: renderers are {sorted(RENDERERS)}")
         return m.group(1) + RENDERERS[name]() + m.group(4)
 
-    return BLOCK.sub(one, text)
+    return INLINE.sub(_number, BLOCK.sub(one, text))
 
 
 def main() -> int:
