@@ -280,6 +280,42 @@ def _imagenet_halfwidths() -> list[float]:
     return [float(m) for m in re.findall(r"±(\d\.\d+)", (ROOT / "docs" / "imagenet_results.md").read_text())]
 
 
+IMAGENET = ROOT / "docs" / "imagenet_results.md"
+IMAGENET_ROWS = {"FGSM gray": "FGSM gray-box", "PGD gray": "PGD gray-box (10 steps)",
+                 "CW-L2 gray": "CW-L2 gray-box", "FGSM black": "FGSM black-box (from Lite2)",
+                 "PGD black": "PGD black-box (from Lite2)"}
+
+
+def imagenet_budgets() -> str:
+    """The ImageNet-samples reproduction by budget, from docs/imagenet_results.md."""
+    header, rows = _md_table(IMAGENET)
+    clean = _cell(rows[0][header.index("clean")])[0]
+    budgets = None
+    out = []
+    for title, label in IMAGENET_ROWS.items():
+        head, sweep = _md_table(IMAGENET, f"### {title}: accuracy vs budget (undefended)")
+        budgets = budgets or [h.removeprefix("budget ") for h in head[2:]]
+        out.append(f"| {label} | " + " | ".join(f"{_cell(c)[0]:.2f}" for c in sweep[0][2:]) + " |")
+    transfer = dict(re.findall(r"^- pgd-black_box@([\d.]+): .*transfer rate ([\d.]+)",
+                               IMAGENET.read_text(), re.M))
+    lines = ["| attack on Lite0 | " + " | ".join(("Δ " if i == 0 else "") + f"{float(b):.2f}"
+                                              for i, b in enumerate(budgets)) + " |",
+             "|---|" + "---:|" * len(budgets),
+             f"| clean | {clean:.2f} |" + " |" * (len(budgets) - 1), *out,
+             "| transfer rate of PGD (Lite2 → Lite0) | "
+             + " | ".join(f"{float(transfer[b]):.2f}" for b in budgets) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def _claims() -> dict:
+    return json.loads((ROOT / "docs" / "fm_claims.json").read_text())
+
+
+def _slope(fit: str) -> str:
+    f = _claims()["C3"]["fits"][fit]
+    return f"{f['slope_per_decade']:+.3f} per decade (R² {f['r2']:.2f})"
+
+
 def _pct(values, digits: int = 0) -> str:
     return _range([100 * v for v in values], f"{{:.{digits}f}}")
 
@@ -409,6 +445,17 @@ NUMBERS = {
     "fm.worst-knn": lambda: _range(_fm_column("worst-case")),
     "fm.worst-none": lambda: _range(_fm_column("worst-case", defended=False)),
     "imagenet.ci": lambda: _range(_imagenet_halfwidths(), "{:.2f}"),
+    # the claims as data (docs/fm_claims.json)
+    "fm.c1-knn": lambda: f"{_claims()['C1']['knn']:.3f}",
+    "fm.c1-none": lambda: f"{_claims()['C1']['no_defense']:.3f}",
+    "fm.c1-gain": lambda: f"{_claims()['C1']['gain']:+.2f}",
+    "fm.c2-ordered": lambda: f"{_claims()['C2']['ordered_cells']} of {_claims()['C2']['cells']}",
+    "fm.c2-mean": lambda: f"{_claims()['C2']['mean_cbwd_minus_uw']:+.3f}",
+    "fm.c3-clean-conv_2_2": lambda: _slope("clean conv_2_2"),
+    "fm.c3-pgd-conv_2_2": lambda: _slope("PGD gray conv_2_2"),
+    "fm.c3-clean-conv_3_2": lambda: _slope("clean conv_3_2"),
+    "fm.c5-pairs": lambda: (f"{sum(p['black'] > p['gray'] for p in _claims()['C5']['pairs'].values())}"
+                            f" of {len(_claims()['C5']['pairs'])}"),
     # extraction (P1)
     "ex.lite0-1k-pipe": _ex("efficientnet-lite0", 1000, "pipeline_img_per_s.decode_workers_2", "{:.1f}"),
     "ex.lite0-1k-bare": _ex("efficientnet-lite0", 1000, "bare_forward_img_per_s", "{:.1f}"),
@@ -512,7 +559,8 @@ NUMBERS = {
 }
 
 RENDERERS.update({"demo": demo, "fm-headline": fm_headline, "store-agreement": store_agreement,
-                  "index-build": index_build, "index-build-recall": index_build_recall})
+                  "index-build": index_build, "index-build-recall": index_build_recall,
+                  "imagenet-budgets": imagenet_budgets})
 
 
 def _number(m: re.Match) -> str:

@@ -195,3 +195,28 @@ def test_links_between_pages_and_to_images_resolve():
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 bad.append(f"{path.name}: {target} (no such heading)")
     assert not bad, bad
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent is a module, not a package
+        return False
+
+
+def test_repository_paths_and_modules_the_docs_name_exist():
+    """Paths (`pipeline/...`, `benchmarks/...`) and modules (`pipeline.x.y`) in the docs' code."""
+    bad = []
+    for path in DOCS:
+        for code in _code(_text(path)):
+            for name in re.findall(r"(?<![\w./-])((?:pipeline|benchmarks|scripts|tests|jobs|"
+                                   r"experiments|cluster)/[\w./*-]*\w)", code):
+                if not re.search(r"[A-Z]{3,}", name) and not list(ROOT.glob(name)):  # NAME: a placeholder
+                    bad.append(f"{path.name}: {name}")
+            for name in re.findall(r"(?<![\w.])(pipeline(?:\.\w+)+)", code):
+                parts = name.split(".")
+                while len(parts) > 1 and not _is_module(".".join(parts)):
+                    parts.pop()
+                if len(parts) < 2:
+                    bad.append(f"{path.name}: {name}")
+    assert not bad, bad
