@@ -474,7 +474,10 @@ def generate_shards(out_dir, shards, per_shard, size, seed, tagged_fraction):
 @main.command()
 @click.option("--job", "job_dir", required=True, help="A finished job folder (path or URL).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--layer", default=None, help="Feature layer (default: the job's last).")
+@click.option("--layer", default=None,
+              help="Feature layer. Default: the one the job's evaluation chose (best worst-case "
+                   "accuracy at the headline budget; among layers within its 95% interval, the "
+                   "best clean accuracy; eval/default_layer.json), else the last tap.")
 @click.option("--weighting", type=click.Choice(["uw", "cbw_e", "cbw_d"]), default="cbw_d", show_default=True)
 @click.option("-k", "--k", type=int, default=None, help="Neighbours (default: the job's evaluate.k).")
 @click.option("--neighbours", "show_neighbours", is_flag=True, help="Print the nearest neighbours too.")
@@ -497,6 +500,7 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
                 arrays.append(defense.decode(f.read()))
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"{path}: not a readable image ({err})") from None
+    click.echo(f"layer {defense.layer_reason}", err=True)
     labels, scores, neigh = defense.predict(np.stack(arrays), return_neighbours=True)
     undefended = defense.neighbours_all_layers(np.stack(arrays), [defense.layer], 1)[0].argmax(1)
     for j, path in enumerate(images):
@@ -522,13 +526,18 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
 @click.option("--max-images", default=64, show_default=True, help="Images per request.")
 @click.option("--batch-window-ms", default=5.0, show_default=True,
               help="How long concurrent requests are collected into one batch.")
+@click.option("--layer", default=None,
+              help="Default layer of requests without `layer`. Default: the one the job's "
+                   "evaluation chose (best worst-case accuracy at the headline budget; among "
+                   "layers within its 95% interval, the best clean accuracy), else the last tap; "
+                   "GET /info says which and why.")
 @_one_line_errors
-def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms):
+def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms, layer):
     """HTTP query service: POST /classify, GET /healthz, GET /info."""
     from pipeline.serve.app import serve as run_server
 
     run_server(str(_readable_job(job_dir)), host, port, max_request_bytes=max_request_mb << 20,
-               max_images_per_request=max_images, batch_window_ms=batch_window_ms)
+               max_images_per_request=max_images, batch_window_ms=batch_window_ms, layer=layer)
 
 
 @main.command()

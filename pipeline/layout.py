@@ -26,6 +26,8 @@ class JobLayout:
     store_dir = property(lambda self: self.root / "store")
     store_info = property(lambda self: self.root / "store" / "store.json")
     eval_dir = property(lambda self: self.root / "eval")
+    # the query side's default layer, chosen from the evaluation (pipeline/evaluate/layer_choice)
+    default_layer = property(lambda self: self.root / "eval" / "default_layer.json")
     summary = property(lambda self: self.root / "summary.json")
 
     def features_file(self, shard_index: int) -> Path:

@@ -307,3 +307,34 @@ def test_one_feature_recipe_recorded_and_mixed_recipes_refused(finished_job, tmp
         writer.add_key_value_metadata({META_KEY: json.dumps(mixed).encode()})
     with pytest.raises(VerifyFailed, match=rf"{victim.name}: made by feature recipe .*precision fp32 vs bf16"):
         verify_folder(str(copy))
+
+
+@pytest.mark.slow
+def test_default_layer_comes_from_the_evaluation_with_its_reason(finished_job):
+    """The evaluate stage records the query side's default layer and why; serve/classify use
+    it unless told otherwise, and say which layer answers and why."""
+    import json
+
+    from pipeline.serve.app import create_app
+
+    spec, layout, _, (images, _) = finished_job
+    choice = json.loads(layout.default_layer.read_text())
+    assert choice["layer"] in LAYERS and choice["budget"] is not None
+    assert set(choice["by_layer"]) == set(LAYERS) and "worst-case accuracy" in choice["reason"]
+    defense = DefendedClassifier.from_job(layout.root)
+    try:
+        assert (defense.layer, defense.layer_reason) == (choice["layer"], choice["reason"])
+        from fastapi.testclient import TestClient
+
+        with TestClient(create_app(defense)) as client:
+            info = client.get("/info").json()
+        assert info["layer"] == choice["layer"] and info["layer_reason"] == choice["reason"]
+    finally:
+        defense.store.close()
+    overridden = DefendedClassifier.from_job(layout.root, layer="conv_2_2")
+    try:
+        assert overridden.layer == "conv_2_2" and "chosen by the caller" in overridden.layer_reason
+    finally:
+        overridden.store.close()
+    with pytest.raises(ValueError, match="layer 'conv_9_9': this defense has"):
+        DefendedClassifier.from_job(layout.root, layer="conv_9_9")

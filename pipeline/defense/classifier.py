@@ -12,6 +12,24 @@ from pipeline.features.backbones import images_to_tensor
 from pipeline.features.extract import forward_features, stack_poolers
 from pipeline.weighting import neighbour_weights, vote
 
+DEFAULT_WEIGHTING = "cbw_d"
+NO_EVALUATION = ("the last tap: the job has no evaluation to choose from "
+                 "(run `knn-defense evaluate`), or pass --layer")
+
+
+def default_layer(job_dir: str | os.PathLike, layers: list[str]) -> tuple[str, str]:
+    """(layer, reason): the layer the job's evaluation chose (eval/default_layer.json, written by
+    the evaluate stage: best worst-case accuracy at the headline budget, the better clean
+    accuracy among layers within noise of it), else the last tap."""
+    from pipeline.layout import JobLayout, read_json
+
+    path = JobLayout(job_dir).default_layer
+    if path.is_file():
+        choice = read_json(path)
+        if choice.get("layer") in layers:
+            return choice["layer"], choice["reason"]
+    return layers[-1], f"{layers[-1]}: {NO_EVALUATION}"
+
 
 class DefendedClassifier:
     """kNN defense around a classifier.
@@ -23,9 +41,10 @@ class DefendedClassifier:
 
     def __init__(self, model, transforms: dict, indexes: dict | None = None, store=None, *,
                  searcher=None, layer: str | None = None,
-                 weighting: str = "cbw_d", k: int = 50, nprobe: int | None = None,
+                 weighting: str = DEFAULT_WEIGHTING, k: int = 50, nprobe: int | None = None,
                  cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
-                 stored_weights: bool = False, recipe: dict | None = None):
+                 stored_weights: bool = False, recipe: dict | None = None,
+                 layer_reason: str | None = None):
         self.model = model.eval()
         # The database's feature recipe, the one this query path runs, and what differs
         # (pipeline/features/recipe.py); None for a model not loaded from a job folder.
@@ -33,6 +52,11 @@ class DefendedClassifier:
         self.transforms, self.indexes, self.store = transforms, indexes, store
         self.layers = list(transforms)
         self.layer = layer or self.layers[-1]
+        if self.layer not in self.layers:
+            raise ValueError(f"layer {self.layer!r}: this defense has {self.layers}")
+        # why this layer answers by default (shown by /info and classify)
+        self.layer_reason = layer_reason or (f"{self.layer}: chosen by the caller" if layer
+                                             else f"{self.layer}: the last tap")
         self.weighting, self.k = weighting, k
         self.cbw_d_m, self.cbw_d_p, self.batch_size = cbw_d_m, cbw_d_p, batch_size
         # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
@@ -49,7 +73,8 @@ class DefendedClassifier:
                  **overrides) -> DefendedClassifier:
         """Load a finished job folder (checks that its recorded hashes agree). ``searcher``:
         where neighbours come from instead of the folder's indexes and store, which are then not
-        opened, e.g. co-located partition actors (``pipeline.runtime.colocated``)."""
+        opened, e.g. co-located partition actors (``pipeline.runtime.colocated``). Without
+        ``layer``, the default layer is the one the job's evaluation chose (:func:`default_layer`)."""
         from pipeline.jobfolder import load_defense_parts
         from pipeline.layout import JobLayout, read_json
 
@@ -60,8 +85,16 @@ class DefendedClassifier:
         # nprobe: each index keeps the one index.json records (configured or tuned)
         kwargs = dict(k=spec.evaluate.k, cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=read_json(JobLayout(job_dir).store_info)["encoding"] == "topk")
+        if overrides.get("layer") is None:
+            overrides.pop("layer", None)
+            kwargs["layer"], kwargs["layer_reason"] = default_layer(job_dir, spec.features.layers)
         kwargs.update(overrides)
-        defense = cls(**parts, **kwargs)
+        try:
+            defense = cls(**parts, **kwargs)
+        except BaseException:  # a bad override: release the store (LevelDB allows one opener)
+            if parts.get("store") is not None:
+                parts["store"].close()
+            raise
         from pipeline.jobfolder import KeyLookup
 
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection

@@ -416,6 +416,15 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     result["query_skipped"] = queries["skipped"]
     result.update(write_report(out_dir, result["rows"], result["attacks"], ev,
                                title=title or job.name))
+    if include_job_database and out_dir == JobLayout(job_dir).eval_dir:
+        # the query side's default layer (serve, classify), from this evaluation
+        from pipeline.defense.classifier import DEFAULT_WEIGHTING
+        from pipeline.evaluate.layer_choice import record_default_layer
+        from pipeline.evaluate.report import headline_budget
+
+        result["default_layer"] = record_default_layer(
+            JobLayout(job_dir).default_layer, result["rows"], database=primary.label,
+            weighting=DEFAULT_WEIGHTING, k=ev.k, budget=headline_budget(ev, result["rows"]))
     return result
 
 

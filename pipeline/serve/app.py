@@ -390,6 +390,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
     @app.get("/info")
     async def info():
         return {"version": __version__, "layers": list(defense.layers), "layer": defense.layer,
+                "layer_reason": defense.layer_reason,
                 "k": defense.k, "weighting": defense.weighting, "weightings": list(WEIGHTINGS),
                 "cbw_d": {"m": defense.cbw_d_m, "p": defense.cbw_d_p},
                 "num_classes": int(model.num_classes), "index_sizes": index_sizes(),
@@ -402,14 +403,14 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
 
 
 def serve(job_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", **limits) -> None:
+          log_level: str = "info", layer: str | None = None, **limits) -> None:
     """Load a finished job folder and serve it with uvicorn (one process, one worker: the
     process owns the LevelDB store). Binds loopback unless ``host`` says otherwise."""
     import uvicorn
 
     from pipeline.defense.classifier import DefendedClassifier
 
-    defense = DefendedClassifier.from_job(job_dir)
+    defense = DefendedClassifier.from_job(job_dir, layer=layer)
     try:
         uvicorn.run(create_app(defense, **limits), host=host, port=port, log_level=log_level,
                     workers=1)
