@@ -200,7 +200,7 @@ class StoreSpec(_Strict):
     # float16: the whole vector (3 + 2C bytes); topk: top-k classes + residual mass + the
     # precomputed CBW-E/CBW-D weights (13 + 3k bytes: 61 for k=16). float16 stays the default:
     # on real EfficientNet-Lite0 softmax vectors no top-k of <= 64 bytes kept 99.9% of UW and
-    # CBW-E decisions (benchmarks/results/store_agreement.json; README).
+    # CBW-E decisions (benchmarks/results/store_agreement.json; docs/store.md).
     encoding: Literal["float16", "topk"] = "float16"
     topk: Annotated[int, Field(ge=1, le=255)] = 16
 

@@ -331,7 +331,7 @@ def knn_min_norm(feature_fn: FeatureFn, x: torch.Tensor, y: torch.Tensor, db_fea
     d_j the squared feature distance to guide j: a hinge, linear far from the guides and ~0
     inside their neighbourhoods. ``loss="margin"``: minus the soft-neighbour-set vote margin
     (:func:`soft_margin_loss`, temperature ``temperature``), neighbours re-found every step:
-    any other class, and aligned with the vote itself (stronger on Fashion-MNIST, README).
+    any other class, and aligned with the vote itself (stronger on Fashion-MNIST, docs/evaluation.md).
 
     Each step descends the loss by ``step_size * ||x||`` (cosine-decayed) and projects exactly
     onto {||x* - x|| <= eps} ∩ [0, 1]; eps is unbounded until the image first fools the vote,
