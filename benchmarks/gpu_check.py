@@ -351,8 +351,8 @@ def main() -> None:
         shards = {k: write_shard(tmp / k, v) for k, v in jpegs.items()}
         report.step("pixels", pixel_agreement, jpegs["1080px"][:64], device)
         configs = ([("efficientnet-lite0", "fp32")] if args.tiny else
-                   [("efficientnet-lite0", "bf16"), ("efficientnet-lite0", "fp32"),
-                    ("resnet50", "bf16")])
+                   [("efficientnet-lite0", "bf16"), ("resnet50", "bf16"),
+                    ("efficientnet-lite0", "fp32")])
         # the recipe agreement decides the GPU default precision: measured before the rest
         report.step("recipes", recipe_table, n_recipe, device, None if args.tiny else 50.0)
         for arch, precision in configs:
