@@ -172,3 +172,25 @@ def test_docs_tables_match_the_committed_results():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/render_docs.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_queries_loaded_like_an_nvjpeg_database_skip_with_the_cpu_paths_reasons(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.shards import write_tar_shards
+    from pipeline.features.tensor_decode import load_images_like_database
+
+    def jpeg(w, h):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    datas = [jpeg(64, 48), jpeg(400, 400), b"\xff\xd8 broken", jpeg(50, 40)]
+    [shard] = write_tar_shards(tmp_path, 4, 4, lambda row, key: {"jpg": datas[row], "cls": "1"})
+    decode = dict(channels=3, size=32, resize=36, interpolation="bilinear", max_pixels=100_000)
+    got = {d: load_images_like_database([str(shard)], d, **decode) for d in ("pil", "torchvision")}
+    for keys, images, labels, skipped in got.values():
+        assert len(keys) == 2 and images.shape == (2, 32, 32, 3) and list(labels) == [1, 1]
+        assert skipped == {"oversized_image": 1, "corrupt_image": 1}

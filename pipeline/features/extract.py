@@ -60,9 +60,9 @@ def forward_taps(model, x01: torch.Tensor, layers) -> tuple[torch.Tensor, dict[s
         return model.forward_taps(x01, layers)
 
 
-# Bytes a batch holds per image on the GPU besides the forward's own activations: with nvJPEG the
-# decoded full-size image (uint8, ~1080 x 1440 x 3 for a web photo) and the float copy the
-# antialiased resize makes of one image at a time; with Pillow the pinned uint8 input.
+# Bytes a batch holds per image on the GPU besides the forward's own activations and its uint8
+# input (counted by auto_batch_size): with nvJPEG the decoded full-size image (uint8, ~1080 x 1440
+# x 3 for a web photo; the resize's float copy is one image at a time); Pillow decodes on the host.
 DECODE_BYTES_PER_IMAGE = {"torchvision": 1080 * 1440 * 3, "pil": 0}
 
 
@@ -312,7 +312,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     codes, softmax) for one shard, with ``transforms`` = {layer: LayerTransform},
     or for its ``only_keys`` (a subset). Skipped keys and reasons go into the file's metadata.
     Images are decoded by Pillow in ``decode_workers`` threads (or processes, with
-    ``decode_processes``) up to two batches ahead, so the model is not starved, or by torchvision on the model's device (``decode_backend``; ``auto``:
+    ``decode_processes``) up to two batches ahead, so the model is not starved, or by
+    torchvision on the model's device (``decode_backend``; ``auto``:
     nvJPEG when the model is on a GPU). Streamed in row groups of ``flush_rows`` to a temp name
     and renamed at the end (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
@@ -344,7 +345,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
             codes = {name: transforms[name].encode(transforms[name].project(v))
                      for name, v in pooled.items()}
             writer.add(keys, labels, codes, softmax)
-        meta = dict(provenance, recipe=recipe and recipe.as_dict(), shard_index=shard_index, shard_url=shard_url, layers=list(layers),
+        meta = dict(provenance, recipe=recipe and recipe.as_dict(), shard_index=shard_index,
+                    shard_url=shard_url, layers=list(layers),
                     storage={n: transforms[n].storage for n in layers},
                     pooling={n: transforms[n].pooling for n in layers},
                     code_version=__version__, stats=stats.as_dict())
@@ -370,9 +372,10 @@ def running_recipe(model, backend: str, provenance: dict) -> FeatureRecipe | Non
                          getattr(model, "feature_precision", "fp32"), backend,
                          provenance["weights_sha256"], provenance["transform_sha256"])
     expected = provenance.get("recipe")
-    if expected is not None and FeatureRecipe.from_dict(expected) != recipe:
-        diff = ", ".join(f"{k}: job expects {a}, this task runs {b}" for k, (a, b)
-                         in FeatureRecipe.from_dict(expected).differences(recipe).items())
+    expected = None if expected is None else FeatureRecipe.from_dict(expected)
+    if expected is not None and expected != recipe:
+        diff = ", ".join(f"{k}: job expects {a}, this task runs {b}"
+                         for k, (a, b) in expected.differences(recipe).items())
         raise RecipeMismatch(f"feature recipe mismatch ({diff}); check the features stage's "
                              "num_gpus and that the node's GPU is usable")
     return recipe

@@ -95,10 +95,6 @@ class FeatureRecipe:
         a, b = self.as_dict(), other.as_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
-    def describe(self) -> str:
-        return (f"{self.device}/{self.precision}/{self.decoder} "
-                f"{self.resize}->{self.crop} {self.interpolation}")
-
 
 def transforms_hash(transform_sha256: dict[str, str]) -> str:
     """One hash over the per-layer transform stack hashes."""

@@ -112,7 +112,7 @@ def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: in
     return batch, kept, sorted(skipped)
 
 
-def decode_like_database(data: bytes, max_pixels: int, decoder: str, *, channels: int,
+def decode_like_database(data: bytes, max_pixels: int, decoder: str, channels: int,
                          size: int | None, resize: int | None = None,
                          interpolation: str = "bicubic") -> np.ndarray:
     """One query image as HWC uint8, decoded the way the database's images were (the recipe's
@@ -147,12 +147,11 @@ def load_images_like_database(urls: list[str], decoder: str, *, channels: int, s
     for url in urls:
         stats = ShardStats()
         for sample, data in iter_encoded(url, stats):
-            try:
-                image = decode_like_database(data, max_pixels, decoder, channels=channels,
-                                             size=size, resize=resize,
-                                             interpolation=interpolation)
-            except Exception as exn:  # noqa: BLE001 - skipped and counted like the CPU path
-                stats.skip("corrupt_image", sample.key, str(exn))
+            # skipped and counted with the CPU path's reasons (oversized_image, corrupt_image)
+            image, reason = or_skip_reason(decode_like_database, data, max_pixels, decoder,
+                                           channels, size, resize, interpolation)
+            if reason is not None:
+                stats.skip(reason[0], sample.key, reason[1])
                 continue
             keys.append(sample.key)
             images.append(image)
