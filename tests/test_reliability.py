@@ -97,6 +97,20 @@ def _features_worker_mid_shard(db: Path, features_dir: Path):
     return None
 
 
+def _kill_a_features_worker_mid_shard(runner: threading.Thread, db: Path, features_dir: Path
+                                      ) -> tuple[int, str] | None:
+    """While ``runner`` runs the job: SIGKILL the first worker caught reading a shard whose
+    features are not written yet; (its pid, the shard), or None if the job ended first."""
+    while runner.is_alive():
+        found = _features_worker_mid_shard(db, features_dir)
+        if found:
+            proc, shard = found
+            proc.send_signal(signal.SIGKILL)
+            return proc.pid, shard
+        time.sleep(0.02)
+    return None
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_feature_shard_is_retried_and_nothing_is_lost(data, tmp_path, ray_local):
     spec = load_job(job_yaml(data, tmp_path / "job", "worker-kill"))
@@ -104,16 +118,10 @@ def test_worker_killed_mid_feature_shard_is_retried_and_nothing_is_lost(data, tm
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=run_job(spec, "verify")))
     runner.start()
-    killed = None
-    while runner.is_alive() and killed is None:
-        found = _features_worker_mid_shard(data / "db", layout.features_dir)
-        if found:
-            proc, shard = found
-            proc.send_signal(signal.SIGKILL)
-            killed = shard
-        time.sleep(0.02)
+    killed = _kill_a_features_worker_mid_shard(runner, data / "db", layout.features_dir)
     runner.join(600)
     assert killed is not None, "no features task was caught mid-shard"
+    killed = killed[1]
     summary = outcome["summary"]
     assert summary["status"] == "done" and summary["stages"]["features"]["done"] == 6
     assert (layout.features_dir / f"{killed}.parquet").is_file()
@@ -145,22 +153,16 @@ def test_extraction_actor_killed_mid_shard_redoes_the_shard_on_its_restart(data,
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=run_job(spec, "verify")))
     runner.start()
-    killed, seen = None, set()
     while runner.is_alive() and not layout.features_dir.is_dir():  # no scans before features
         time.sleep(0.05)
-    while runner.is_alive() and killed is None:
-        found = _features_worker_mid_shard(data / "db", layout.features_dir)
-        if found:
-            proc, shard = found
-            seen.add(proc.pid)
-            proc.send_signal(signal.SIGKILL)
-            killed = shard
-        time.sleep(0.02)
+    killed = _kill_a_features_worker_mid_shard(runner, data / "db", layout.features_dir)
+    seen = {killed[0]} if killed else set()
     while runner.is_alive() and len(list(layout.features_dir.glob("*.parquet"))) < 6:
         seen |= _features_processes()
         time.sleep(0.1)
     runner.join(600)
     assert killed is not None, "no extraction actor was caught mid-shard"
+    killed = killed[1]
     summary = outcome["summary"]
     assert summary["status"] == "done" and summary["stages"]["features"]["done"] == 6
     assert (layout.features_dir / f"{killed}.parquet").is_file()
