@@ -129,3 +129,88 @@ class KeyLookup:
         shards, rows = split_ids(flat)
         return [None if i == NO_RESULT else self._shard_keys(int(s))[int(r)]
                 for i, s, r in zip(flat.tolist(), shards.tolist(), rows.tolist(), strict=True)]
+
+
+class ImageLookup:
+    """id -> the database image's encoded bytes, by one ranged read of its shard: the id names
+    (shard, row), the row's key comes from the feature file (:class:`KeyLookup`), the key's
+    byte range from the shard's offsets file (``shards/offsets/``, written by the shards
+    stage). Raises :class:`~pipeline.data.offsets.ImageNotFound` saying why an id has none."""
+
+    def __init__(self, job_dir: str | os.PathLike, keys_of: KeyLookup | None = None,
+                 cache_shards: int = 64):
+        import functools
+
+        import pyarrow.parquet as pq
+
+        from pipeline.data.offsets import ImageNotFound, read_offsets
+
+        layout = JobLayout(job_dir)
+        table = pq.read_table(layout.shards_table, columns=["shard_index", "url"]).to_pydict()
+        self._urls = dict(zip(table["shard_index"], table["url"], strict=True))  # O(shards)
+        self._keys_of = keys_of or KeyLookup(job_dir)
+
+        @functools.lru_cache(maxsize=cache_shards)
+        def offsets(shard_index: int):
+            path = layout.offsets_file(shard_index)
+            if not path.is_file():
+                raise ImageNotFound(f"{path}: no offsets file for shard {shard_index} (a job "
+                                    "folder from an older version): run `knn-defense run` on "
+                                    "the job again to scan them")
+            return read_offsets(path)
+
+        self._offsets = offsets
+
+    def __call__(self, image_id: int) -> bytes:
+        from pipeline.data.offsets import ImageNotFound, read_range
+        from pipeline.ids import split_ids
+
+        shards, rows = split_ids(np.asarray([image_id], np.int64))
+        shard = int(shards[0])
+        if image_id < 0 or shard not in self._urls:
+            raise ImageNotFound(f"id {image_id}: no shard {shard} in this database")
+        try:
+            key = self._keys_of([image_id])[0]
+        except (IndexError, FileNotFoundError):
+            raise ImageNotFound(f"id {image_id}: shard {shard} has no row {int(rows[0])} in "
+                                "the database") from None
+        offset, size = self._offsets(shard).locate(key)
+        return read_range(self._urls[shard], offset, size)
+
+
+class QueryImages:
+    """The job's query split (``data.queries``) by key, for browsing: every query shard's
+    offsets scanned once, on first use (headers only), then one ranged read per image."""
+
+    def __init__(self, job_dir: str | os.PathLike):
+        self.job_dir = job_dir
+        self._shard_of: dict | None = None  # key -> its shard's ShardOffsets
+
+    def _scan(self) -> dict:
+        if self._shard_of is None:
+            from pipeline.data.offsets import scan_offsets
+            from pipeline.data.shards import expand_shards
+
+            spec = load_spec(self.job_dir)
+            shard_of = {}
+            for url in expand_shards(spec.data.queries) if spec.data.queries else []:
+                shard = scan_offsets(url)
+                shard_of.update(dict.fromkeys(shard.where, shard))
+            self._shard_of = shard_of
+        return self._shard_of
+
+    def keys(self) -> list[str]:
+        return list(self._scan())
+
+    def label(self, key: str) -> int | None:
+        shard = self._scan().get(key)
+        return None if shard is None else shard.labels[key]
+
+    def __call__(self, key: str) -> bytes:
+        from pipeline.data.offsets import ImageNotFound, read_range
+
+        shard = self._scan().get(key)
+        if shard is None:
+            raise ImageNotFound(f"query key {key!r} is not in this job's query shards")
+        offset, size = shard.locate(key)
+        return read_range(shard.url, offset, size)

@@ -30,6 +30,12 @@ class JobLayout:
     default_layer = property(lambda self: self.root / "eval" / "default_layer.json")
     summary = property(lambda self: self.root / "summary.json")
 
+    # where each sample's image bytes lie in its tar (pipeline/data/offsets.py), one file per shard
+    offsets_dir = property(lambda self: self.root / "shards" / "offsets")
+
+    def offsets_file(self, shard_index: int) -> Path:
+        return self.offsets_dir / f"{shard_index:05d}.parquet"
+
     def features_file(self, shard_index: int) -> Path:
         return self.features_dir / f"{shard_index:05d}.parquet"
 

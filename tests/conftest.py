@@ -1,6 +1,8 @@
 import gzip
+import io
 import os
 import struct
+import tarfile
 
 # Keep every Ray node, GCS and dashboard on 127.0.0.1 (must be set before Ray starts).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -74,3 +76,43 @@ def trained_small_model():
     torch.manual_seed(0)
     images, labels = synthetic_images(512, seed=3)
     return train_tiny_model(images_to_tensor(images[..., None]), torch.as_tensor(labels))
+
+
+E2E_LAYERS = ["conv_2_2", "conv_3_2", "conv_4_1", "conv_4_2"]
+
+
+def append_corrupt_sample(tar_path, key: str) -> None:
+    with tarfile.open(tar_path, "a") as tar:
+        for name, data in ((f"{key}.png", b"\x89PNG\r\n\x1a\n broken"), (f"{key}.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def finished_job(tmp_path_factory, ray_local):
+    """A small job run end to end once per test run (300 database images with a corrupt one
+    among them, 90 queries): shared by the end-to-end, viewer and browser tests."""
+    from pipeline.config import parse_job
+    from pipeline.data.fashion_mnist import write_split_shards
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.job import run_job
+
+    root = tmp_path_factory.mktemp("e2e")
+    images, labels = synthetic_images(300, seed=5)
+    write_split_shards(images, labels, root / "db", "train", samples_per_shard=80)
+    append_corrupt_sample(root / "db" / "00001.tar", "corrupt-key")
+    q_images, q_labels = synthetic_images(90, seed=6)
+    write_split_shards(q_images, q_labels, root / "q", "test", samples_per_shard=50)
+    spec = parse_job({
+        "name": "e2e", "output_dir": str(root / "job"),
+        "data": {"database": str(root / "db"), "queries": str(root / "q")},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+        "features": {"layers": E2E_LAYERS, "pca_dim": 8, "pca_sample": 200, "batch_size": 64},
+        "index": {"factory": "IVF4,Flat", "train_sample": 200, "nprobe": 4},
+        "store": {"partitions": 2},
+        "evaluate": {"num_queries": 60, "k": 10, "attacks": [{"name": "pgd", "steps": 3}]},
+        "runtime": {"progress": False},
+    })
+    summary = run_job(spec)
+    return spec, JobLayout(spec.output_dir), summary, (images, labels)

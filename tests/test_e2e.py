@@ -1,8 +1,6 @@
 """The job end to end through Ray on a few hundred images, with a corrupt one among them."""
 
-import io
 import re
-import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +9,6 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import parse_job
 from pipeline.data.fashion_mnist import encode_image, write_split_shards
 from pipeline.defense.classifier import DefendedClassifier
 from pipeline.features.backbones import SmallResNet
@@ -23,39 +20,8 @@ from pipeline.layout import JobLayout
 from pipeline.runtime.job import run_job
 from pipeline.runtime.manifest import Manifest
 from pipeline.store.softmax_store import SoftmaxStore
-from tests.conftest import synthetic_images
-
-LAYERS = ["conv_2_2", "conv_3_2", "conv_4_1", "conv_4_2"]
-
-
-def _append_corrupt_sample(tar_path, key: str) -> None:
-    with tarfile.open(tar_path, "a") as tar:
-        for name, data in ((f"{key}.png", b"\x89PNG\r\n\x1a\n broken"), (f"{key}.cls", b"3")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("e2e")
-    images, labels = synthetic_images(300, seed=5)
-    write_split_shards(images, labels, root / "db", "train", samples_per_shard=80)
-    _append_corrupt_sample(root / "db" / "00001.tar", "corrupt-key")
-    q_images, q_labels = synthetic_images(90, seed=6)
-    write_split_shards(q_images, q_labels, root / "q", "test", samples_per_shard=50)
-    spec = parse_job({
-        "name": "e2e", "output_dir": str(root / "job"),
-        "data": {"database": str(root / "db"), "queries": str(root / "q")},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-        "features": {"layers": LAYERS, "pca_dim": 8, "pca_sample": 200, "batch_size": 64},
-        "index": {"factory": "IVF4,Flat", "train_sample": 200, "nprobe": 4},
-        "store": {"partitions": 2},
-        "evaluate": {"num_queries": 60, "k": 10, "attacks": [{"name": "pgd", "steps": 3}]},
-        "runtime": {"progress": False},
-    })
-    summary = run_job(spec)
-    return spec, JobLayout(spec.output_dir), summary, (images, labels)
+from tests.conftest import E2E_LAYERS as LAYERS
+from tests.conftest import append_corrupt_sample, synthetic_images
 
 
 def _parquet_rows(layout: JobLayout):
@@ -250,7 +216,7 @@ def test_shard_is_streamed_in_row_groups_with_the_same_content(tmp_path):
     ids numbered across them, and the file equals the one written in a single group."""
     images, labels = synthetic_images(100, seed=2)
     write_split_shards(images, labels, tmp_path / "db", "train", samples_per_shard=100)
-    _append_corrupt_sample(tmp_path / "db" / "00000.tar", "bad")
+    append_corrupt_sample(tmp_path / "db" / "00000.tar", "bad")
     torch.manual_seed(0)
     model = SmallResNet().eval()
     transforms = {"conv_4_2": LayerTransform("avg", fit_pca(np.random.default_rng(0).normal(size=(50, 128)), 8))}

@@ -105,12 +105,17 @@ class Sample:
     label: int | None
     meta: dict
     caption: str | None = None  # key.txt
+    # where the image member's bytes lie in an uncompressed tar (one ranged read fetches them);
+    # None in compressed tars, which cannot be range-read
+    offset: int | None = None
+    nbytes: int | None = None
 
 
 def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
-                ) -> Iterator[tuple[str, str, int, bytes | None]]:
-    """Regular files of a tar, streamed, as (key, extension, size, data); ``data`` is None for
-    members ``wanted(key, ext)`` rejects (their bytes are skipped unread: seeked over locally).
+                ) -> Iterator[tuple[str, str, int, bytes | None, int | None]]:
+    """Regular files of a tar, streamed, as (key, extension, size, data, offset of the data);
+    ``data`` is None for members ``wanted(key, ext)`` rejects (their bytes are skipped unread:
+    seeked over locally); the offset is None in compressed tars.
 
     A truncated or corrupt tar ends the stream with a counted ``truncated_tar`` after the
     members before the damage; so does a file that ends without the end-of-archive blocks."""
@@ -136,13 +141,18 @@ def _iter_files(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] 
                 prefix, suffix = base_plus_ext(name)
                 if prefix is None:
                     continue
-                yield prefix, suffix.lower(), member_size, data
+                start = None if compressed else member_end - _padded(member_size)
+                yield prefix, suffix.lower(), member_size, data, start
     except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
         stats.problem("truncated_tar", f"{url}: {exn}")
         return
     if size is not None and not compressed and size < end + 1024:
         stats.problem("truncated_tar", f"{url}: ends at byte {size}, before the end-of-archive blocks "
                                         f"(last whole member ends at {end})")
+
+
+def _padded(size: int) -> int:
+    return (size + 511) // 512 * 512  # tar members fill whole 512-byte blocks
 
 
 def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes, int]]:
@@ -159,16 +169,18 @@ def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes, int]]:
 
 def iter_raw_samples(url: str, stats: ShardStats, wanted: Callable[[str, str], bool] | None = None
                      ) -> Iterator[dict]:
-    """Group a tar's files by key: ``{"__key__": key, "__sizes__": {ext: n}, ext: bytes | None}``."""
+    """Group a tar's files by key: ``{"__key__": key, "__sizes__": {ext: n}, "__offsets__":
+    {ext: byte offset or None}, ext: bytes | None}``."""
     current: dict | None = None
-    for prefix, suffix, size, data in _iter_files(url, stats, wanted):
+    for prefix, suffix, size, data, start in _iter_files(url, stats, wanted):
         if current is not None and current["__key__"] != prefix:
             yield current
             current = None
         if current is None:
-            current = {"__key__": prefix, "__sizes__": {}}
+            current = {"__key__": prefix, "__sizes__": {}, "__offsets__": {}}
         current[suffix] = data
         current["__sizes__"][suffix] = size
+        current["__offsets__"][suffix] = start
     if current is not None:
         yield current
 
@@ -271,7 +283,8 @@ def _parsed_samples(url: str, stats: ShardStats, decode: bool, keys, meta_exts
         caption = None
         if raw.get("txt") is not None:
             caption = raw["txt"].decode("utf-8", errors="replace")
-        yield Sample(key=key, image=None, label=label, meta=meta, caption=caption), raw[ext]
+        yield Sample(key=key, image=None, label=label, meta=meta, caption=caption,
+                     offset=raw["__offsets__"][ext], nbytes=raw["__sizes__"][ext]), raw[ext]
 
 
 def iter_encoded(url: str, stats: ShardStats, *, keys: Container[str] | None = None,
@@ -397,12 +410,15 @@ def _process_decoded(parsed, finish, args: tuple, workers: int, lookahead: int, 
             future.cancel()
 
 
-def scan_shard(url: str) -> ShardStats:
+def scan_shard(url: str, offsets: list | None = None) -> ShardStats:
     """Decode-free scan (keys and metadata only): ``read`` keys, of which ``read - skipped``
-    carry an image and a valid label."""
+    carry an image and a valid label. With ``offsets`` (a list), appends each such sample's
+    ``{key, offset, size, label}``: where its image bytes lie in the tar."""
     stats = ShardStats()
-    for _ in iter_samples(url, stats, decode=False, meta_exts=("cls",)):
-        pass
+    for sample in iter_samples(url, stats, decode=False, meta_exts=("cls",)):
+        if offsets is not None:
+            offsets.append({"key": sample.key, "offset": sample.offset, "size": sample.nbytes,
+                            "label": sample.label})
     return stats
 
 

@@ -63,6 +63,7 @@ class DefendedClassifier:
         # before truncation; use those instead of recomputing them from the truncated one.
         self.stored_weights = stored_weights
         self.keys_of = None  # id -> key lookup, set by from_job
+        self.image_of = None  # id -> encoded image bytes (one ranged read), set by from_job
         # Neighbours come from the local indexes + store, or from a searcher given by the
         # caller (e.g. co-located partition actors, pipeline/runtime/colocated.py).
         self.searcher = searcher or LocalSearcher(indexes, store, nprobe, stored_weights,
@@ -95,10 +96,18 @@ class DefendedClassifier:
             if parts.get("store") is not None:
                 parts["store"].close()
             raise
-        from pipeline.jobfolder import KeyLookup
+        from pipeline.jobfolder import ImageLookup, KeyLookup
 
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
+        defense.image_of = ImageLookup(job_dir, defense.keys_of)
         return defense
+
+    def image(self, image_id: int) -> bytes:
+        """A database image's encoded bytes (e.g. a neighbour's, ``Neighbours.ids``), read with
+        one ranged read of its shard; ``ImageNotFound`` says why an id has none."""
+        if self.image_of is None:
+            raise LookupError("no job folder behind this classifier: load it with from_job")
+        return self.image_of(int(image_id))
 
     @property
     def decoder(self) -> str:

@@ -153,21 +153,29 @@ def stage_import(run: JobRun) -> None:
 
 
 def stage_shards(run: JobRun) -> None:
-    """The shard table (shard_index, url, num_keys, num_samples), fixed once written."""
+    """The shard table (shard_index, url, num_keys, num_samples), fixed once written, and each
+    shard's offsets file (where its images lie, for fetching one by id)."""
     urls = expand_shards(run.spec.data.database)
     if not urls:
         raise ConfigError(f"data.database {run.spec.data.database!r} matches no .tar shard")
     if len(urls) > MAX_SHARDS:
         raise ConfigError(f"{len(urls)} shards exceed the id scheme's {MAX_SHARDS}")
-    path = run.layout.shards_table
+    path, layout = run.layout.shards_table, run.layout
     if path.is_file():
         table = pq.read_table(path).to_pylist()
         if [r["url"] for r in table] != urls:
             raise ConfigError(f"{path}: the job's shard list changed since it was written; "
                               "use a new output_dir for different data")
+        # job folders from before offsets files existed: re-scan just the shards lacking one
+        missing = [(i, u) for i, u in enumerate(urls) if not layout.offsets_file(i).is_file()]
+        if missing:
+            run.run("shards.offsets", [Unit(f"{i:05d}", tasks.scan_task,
+                                            (u, str(layout.offsets_file(i)))) for i, u in missing],
+                    fingerprint(urls, "offsets"), desc="scan shard offsets", samples_key="num_keys")
     else:
         fp = fingerprint(urls)
-        run.run("shards", [Unit(f"{i:05d}", tasks.scan_task, (u,)) for i, u in enumerate(urls)], fp,
+        run.run("shards", [Unit(f"{i:05d}", tasks.scan_task, (u, str(layout.offsets_file(i))))
+                           for i, u in enumerate(urls)], fp,
                 desc="scan shards", samples_key="num_keys")
         counts = dict(run.manifest.unit_counts("shards", fp))
         table = [{"shard_index": i, "url": u, "num_keys": counts[f"{i:05d}"]["num_keys"],

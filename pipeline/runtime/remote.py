@@ -25,7 +25,7 @@ from pipeline.runtime.manifest import Manifest
 # What each stage writes inside the job folder (folders or files). The import stage writes its
 # shards outside the job folder; verify writes nothing but gets a marker (it passed).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "shards": ("shards.parquet",), "subset": ("subset",), "train": ("model",),
+    "shards": ("shards.parquet", "shards"), "subset": ("subset",), "train": ("model",),
     "transforms": ("transforms",), "features": ("features",), "index": ("index",),
     "store": ("store",), "verify": (), "evaluate": ("eval",),
 }

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import JobSpec
+from pipeline.data.offsets import write_offsets
 from pipeline.data.shards import NoDecodableImage, load_images, scan_shard
 from pipeline.data.subsets import selected_keys
 from pipeline.devices import current_device
@@ -77,8 +78,12 @@ def decode_workers_for(requested, device: str, num_threads: int | None) -> int:
     return 2
 
 
-def scan_task(url: str) -> dict:
-    stats = scan_shard(url)
+def scan_task(url: str, offsets_path: str | None = None) -> dict:
+    """A shard's key counts, and with ``offsets_path`` its offsets file (pipeline/data/offsets)."""
+    rows: list[dict] | None = [] if offsets_path else None
+    stats = scan_shard(url, rows)
+    if offsets_path:
+        write_offsets(offsets_path, url, rows)
     return {"num_keys": stats.read, "num_samples": stats.read - sum(stats.skipped.values()),
             **stats.as_dict()}
 
