@@ -178,14 +178,22 @@ def evaluate(job_yaml, address, num_cpus, sets, no_progress, quiet):
 
 @main.command()
 @click.argument("target")
-@click.option("--address", default=None, help="With a JOB_YAML: Ray address (default: local Ray).")
+@click.option("--address", default=None,
+              help="Ray address (default: local Ray). With a job folder: run the checks as tasks there.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With a JOB_YAML: override a key.")
+@click.option("--run-on", "run_on", type=click.Choice(["auto", "process", "ray"]), default="auto",
+              show_default=True,
+              help="With a job folder: the checks one after another in this process, or as tasks "
+                   "on Ray; auto: this process up to 5M keys (and no --address), else Ray.")
 @progress_options
 @_one_line_errors
-def verify(target, address, sets, no_progress, quiet):
+def verify(target, address, sets, run_on, no_progress, quiet):
     """Check a job folder (path or URL): every selected key is exactly once in Parquet, every
-    FAISS index and the LevelDB store, or recorded as skipped with its reason. Given a JOB_YAML
-    instead, run the job up to its verify stage."""
+    FAISS index and the LevelDB store, or recorded as skipped with its reason. The checks are
+    units of one shard, hash bucket, index file or store partition each (memory bounded by
+    one of them, whatever N): run in this process for small jobs, as tasks on a local Ray
+    (or --address) for large ones (--run-on). Given a JOB_YAML instead, run the job up to its
+    verify stage."""
     import json
     import os
 
@@ -196,7 +204,8 @@ def verify(target, address, sets, no_progress, quiet):
         return
     from pipeline.runtime.verify import verify_folder
 
-    result = verify_folder(target)
+    mode = {"auto": "auto", "process": "local", "ray": "ray"}[run_on]
+    result = verify_folder(target, mode, address, progress=not no_progress and not quiet)
     click.echo(json.dumps(result))
     click.echo(f"verify: ok, {result['keys']} keys in Parquet, {len(result['layers'])} index(es) "
                f"and the store exactly once; skipped {result['skipped'] or 0}")
@@ -531,13 +540,24 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
                    "evaluation chose (best worst-case accuracy at the headline budget; among "
                    "layers within its 95% interval, the best clean accuracy), else the last tap; "
                    "GET /info says which and why.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="A file holding the token every request but /healthz must carry "
+                   "(Authorization: Bearer, or ?token= in the page's URL); also "
+                   "$KNN_DEFENSE_SERVE_TOKEN. Required to bind anything but loopback.")
+@click.option("--attack-timeout-s", default=60.0, show_default=True,
+              help="The viewer's attack button: time limit of one attack (504 past it).")
 @_one_line_errors
-def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms, layer):
-    """HTTP query service: POST /classify, GET /healthz, GET /info."""
+def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms, layer, token_file,
+          attack_timeout_s):
+    """HTTP query service and neighbour viewer: the page at /, POST /classify, /explain and
+    /attack, GET /image/{id}, /queries, /query-image/{key}, /healthz, /info."""
+    from pipeline.serve.access import resolve_token
     from pipeline.serve.app import serve as run_server
 
+    resolve_token(host, token_file)  # refuse an unprotected public bind before loading anything
     run_server(str(_readable_job(job_dir)), host, port, max_request_bytes=max_request_mb << 20,
-               max_images_per_request=max_images, batch_window_ms=batch_window_ms, layer=layer)
+               max_images_per_request=max_images, batch_window_ms=batch_window_ms, layer=layer,
+               token_file=token_file, attack_timeout_s=attack_timeout_s)
 
 
 @main.command()

@@ -214,3 +214,23 @@ class QueryImages:
             raise ImageNotFound(f"query key {key!r} is not in this job's query shards")
         offset, size = shard.locate(key)
         return read_range(shard.url, offset, size)
+
+
+def class_names(job_dir: str | os.PathLike, max_samples: int = 10_000) -> dict[int, str]:
+    """{label: name} from the ``class_name`` the shards' JSON metadata carries (Fashion-MNIST's
+    import writes it), read from the first database shard's metadata only (images seeked over,
+    at most ``max_samples``); {} when the shards carry none."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.shards import ShardStats, iter_samples
+
+    table = pq.read_table(JobLayout(job_dir).shards_table, columns=["url"])
+    names: dict[int, str] = {}
+    for n, sample in enumerate(iter_samples(table.column("url")[0].as_py(), ShardStats(),
+                                            decode=False, meta_exts=("json", "cls"))):
+        name = sample.meta.get("class_name") if isinstance(sample.meta, dict) else None
+        if sample.label is not None and name:
+            names.setdefault(sample.label, str(name))
+        if n + 1 >= max_samples:
+            break
+    return names

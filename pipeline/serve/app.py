@@ -10,9 +10,11 @@ LevelDB) runs only in one dedicated worker thread. A :class:`MicroBatcher` merge
 requests that arrive within ``batch_window_ms`` of each other (up to ``max_batch`` images, grouped
 by (layer, weighting, k) so different parameters never mix) into one forward + search + lookup.
 
-Endpoints: ``POST /classify``, ``GET /healthz``, ``GET /info``. Every bad input gets a 4xx with a
-JSON ``detail``: 400 malformed JSON/base64, 413 too large (body, pixels, image count), 415 not an
-image / unsupported content type, 422 corrupt image, empty list or bad parameters.
+Endpoints: ``POST /classify``, ``GET /healthz``, ``GET /info``, and the neighbour viewer's page
+at ``/`` with its endpoints (``pipeline/serve/viewer.py``). Every bad input gets a 4xx with a
+JSON ``detail``: 400 malformed JSON/base64, 401 missing or wrong token (``pipeline/serve/
+access.py``), 413 too large (body, pixels, image count), 415 not an image / unsupported content
+type, 422 corrupt image, empty list or bad parameters.
 """
 
 from __future__ import annotations
@@ -237,19 +239,29 @@ def _decode_one(data: bytes, i: int, max_pixels: int, decode: dict, decoder: str
 # The app
 
 
-def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
+def create_app(defense, *, job_dir=None, token: str | None = None,
+               max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
                max_image_pixels: int = DEFAULT_LIMITS["max_image_pixels"],
                max_images_per_request: int = DEFAULT_LIMITS["max_images_per_request"],
                max_k: int = DEFAULT_LIMITS["max_k"],
                batch_window_ms: float = DEFAULT_LIMITS["batch_window_ms"],
-               max_batch: int = DEFAULT_LIMITS["max_batch"]) -> FastAPI:
+               max_batch: int = DEFAULT_LIMITS["max_batch"], **viewer_limits) -> FastAPI:
     """ASGI app serving ``defense`` (a :class:`~pipeline.defense.classifier.DefendedClassifier`).
-    ``app.state.batcher`` exposes the micro-batcher and its counters."""
+    ``job_dir``: its job folder, for the viewer's query list and attack database; ``token``:
+    required on every request but /healthz; ``viewer_limits``: overrides of
+    ``pipeline.serve.viewer.VIEWER_LIMITS``. ``app.state.batcher`` exposes the micro-batcher."""
+    from pipeline.serve.access import TokenCheck
+    from pipeline.serve.viewer import VIEWER_LIMITS, add_viewer
+
+    unknown = set(viewer_limits) - set(VIEWER_LIMITS)
+    if unknown:
+        raise TypeError(f"unknown limits {sorted(unknown)}")
     model = defense.model
     decode = decode_args(model)  # the same resize/crop the database images got
     limits = dict(max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels,
                   max_images_per_request=max_images_per_request, max_k=max_k,
-                  batch_window_ms=batch_window_ms, max_batch=max_batch)
+                  batch_window_ms=batch_window_ms, max_batch=max_batch,
+                  **{**VIEWER_LIMITS, **viewer_limits})
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-defense")
 
     def run_batch(key: tuple, images: np.ndarray):
@@ -266,6 +278,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
     async def lifespan(app):
         yield
         executor.shutdown(wait=True)
+        app.state.attack_executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="knn-defense", version=__version__, lifespan=lifespan,
                   summary="kNN defense against adversarial images (Dubey et al., CVPR 2019)")
@@ -273,6 +286,8 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
     app.state.defense = defense
     app.state.limits = limits
     app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
+    if token is not None:
+        app.add_middleware(TokenCheck, token=token)  # added last: runs first
 
     async def read_request(request: Request) -> tuple[list[bytes], _Params]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -339,6 +354,10 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
         neighbours = _parse_bool("neighbours", params.get("neighbours") or False)
         return str(layer), str(weighting), k, neighbours
 
+    def decode_all(datas: list[bytes]) -> np.ndarray:
+        return np.stack([_decode_one(d, i, max_image_pixels, decode, defense.decoder)
+                         for i, d in enumerate(datas)])
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exn: Exception):  # not a client error: say so
         return JSONResponse({"detail": f"internal error: {type(exn).__name__}: {exn}"}, 500)
@@ -351,11 +370,7 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
         if not datas:
             raise _bad(422, "no images in the request (multipart field or JSON list \"images\")")
 
-        def decode_all():
-            return np.stack([_decode_one(d, i, max_image_pixels, decode, defense.decoder)
-                             for i, d in enumerate(datas)])
-
-        images = await run_in_threadpool(decode_all)
+        images = await run_in_threadpool(decode_all, datas)
         probs, labels, scores, ids, dists = await batcher.submit((layer, weighting, k), images)
         results = []
         for j in range(len(images)):
@@ -399,20 +414,27 @@ def create_app(defense, *, max_request_bytes: int = DEFAULT_LIMITS["max_request_
                 "recipe": defense.recipe, "limits": limits,
                 "batching": batcher.stats()}
 
+    add_viewer(app, defense, job_dir=job_dir, read_request=read_request,
+               check_params=check_params, decode_all=decode_all, executor=executor, limits=limits)
     return app
 
 
 def serve(job_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", layer: str | None = None, **limits) -> None:
+          log_level: str = "info", layer: str | None = None, token_file=None, **limits) -> None:
     """Load a finished job folder and serve it with uvicorn (one process, one worker: the
-    process owns the LevelDB store). Binds loopback unless ``host`` says otherwise."""
+    process owns the LevelDB store). Binds loopback unless ``host`` says otherwise; any other
+    address needs a token (``token_file`` or $KNN_DEFENSE_SERVE_TOKEN), checked before loading."""
     import uvicorn
 
     from pipeline.defense.classifier import DefendedClassifier
+    from pipeline.serve.access import resolve_token
 
+    token = resolve_token(host, token_file)
     defense = DefendedClassifier.from_job(job_dir, layer=layer)
     try:
-        uvicorn.run(create_app(defense, **limits), host=host, port=port, log_level=log_level,
-                    workers=1)
+        app = create_app(defense, job_dir=job_dir, token=token, **limits)
+        print(f"knn-defense: the neighbour viewer is at http://{host}:{port}/"
+              + ("?token=<your token>" if token else ""), flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
     finally:
         defense.store.close()
