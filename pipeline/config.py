@@ -183,8 +183,10 @@ class IndexSpec(_Strict):
     # memory: the merged index (or each shard) holds its inverted lists in RAM; ondisk: they are
     # merged into an .ivfdata file beside it (faiss merge_ondisk) and memory-mapped when
     # searched, so neither the merge nor a searcher needs RAM for them. IVF factories only
-    # (with factory: auto, an exact Flat choice stays in memory).
-    merge: Literal["memory", "ondisk"] = "memory"
+    # (with factory: auto, an exact Flat choice stays in memory). auto: on disk once one merge
+    # output (the index, or one shard) holds 5M vectors, else in memory
+    # (pipeline/index/choice.py: choose_merge).
+    merge: Literal["auto", "memory", "ondisk"] = "auto"
 
     @model_validator(mode="after")
     def _ondisk_needs_ivf(self):

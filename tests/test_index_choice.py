@@ -6,7 +6,14 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.index.choice import choose_index, choose_nlist, recall_at_k, tune_nprobe
+from pipeline.index.choice import (
+    ONDISK_MIN_VECTORS,
+    choose_index,
+    choose_merge,
+    choose_nlist,
+    recall_at_k,
+    tune_nprobe,
+)
 from pipeline.index.faiss_index import (
     load_index,
     populate_part,
@@ -28,6 +35,29 @@ def test_choice_by_n_dim_and_budget(n, dim, budget_mb, family):
     assert choice.factory == family
     assert choice.memory_bytes <= budget_mb << 20
     faiss.index_factory(dim, choice.factory)  # a valid factory string
+
+
+@pytest.mark.parametrize("merge, n, factory, layout, partitions, want", [
+    ("auto", 1_000_000, "IVF1024,Flat", "merged", 1, "memory"),
+    ("auto", ONDISK_MIN_VECTORS, "IVF1024,Flat", "merged", 1, "ondisk"),
+    ("auto", 10**9, "OPQ32,IVF262144_HNSW32,PQ32", "merged", 4, "ondisk"),
+    # sharded: each merge task holds one partition's lists
+    ("auto", 4 * ONDISK_MIN_VECTORS - 4, "IVF1024,Flat", "sharded", 4, "memory"),
+    ("auto", 4 * ONDISK_MIN_VECTORS, "IVF1024,Flat", "sharded", 4, "ondisk"),
+    ("auto", 10**9, "Flat", "merged", 1, "memory"),  # no inverted lists to put on disk
+    ("auto", 10**9, "BIVF65536", "merged", 1, "memory"),  # binary: merge_ondisk is float only
+    ("memory", 10**9, "IVF1024,Flat", "merged", 1, "memory"),  # asked for: kept
+    ("ondisk", 10, "IVF16,Flat", "merged", 1, "ondisk"),
+])
+def test_merge_goes_on_disk_above_a_size_per_merge_task(merge, n, factory, layout, partitions, want):
+    assert choose_merge(merge, n, factory, layout, partitions) == want
+
+
+def test_merge_defaults_to_auto():
+    from pipeline.config import IndexSpec
+
+    assert IndexSpec().merge == "auto"
+    assert IndexSpec(factory="BFlat").merge == "auto"  # auto is valid for any factory
 
 
 def test_choice_limits_and_binary():

@@ -83,6 +83,26 @@ def choose_index(n: int, dim: int, memory_budget_bytes: int, binary: bool = Fals
                      "or shard the index")
 
 
+# index.merge: auto merges on disk (the lists in a memory-mapped .ivfdata file, never all in
+# one task's RAM) once one merge output would hold this many vectors: N, or N / partitions with
+# index.layout: sharded (then each task merges one partition's shards). 5M vectors are ~5 GiB of
+# 256-d float lists, ~1.3 GiB as SQ8.
+ONDISK_MIN_VECTORS = 5_000_000
+
+
+def choose_merge(merge: str, n: int, factory: str, layout: str = "merged",
+                 partitions: int = 1) -> str:
+    """``memory`` or ``ondisk`` for ``index.merge`` (``auto``: on disk once one merge output
+    holds ONDISK_MIN_VECTORS vectors, for float IVF factories; binary and exact indexes have no
+    on-disk lists and stay in memory). An explicit ``memory`` / ``ondisk`` is kept as it is."""
+    if merge != "auto":
+        return merge
+    if factory.startswith("B") or "IVF" not in factory:
+        return "memory"
+    per_output = n / max(1, partitions) if layout == "sharded" else n
+    return "ondisk" if per_output >= ONDISK_MIN_VECTORS else "memory"
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of the true k nearest ids that were found."""
     k = truth.shape[1]

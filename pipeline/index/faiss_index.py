@@ -378,3 +378,34 @@ def all_ids(index) -> np.ndarray:
     if isinstance(index, faiss.IndexBinary):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def iter_id_chunks(path: str | os.PathLike, chunk: int = 1 << 16):
+    """The ids stored in an index file, in chunks of at most ``chunk``, one inverted list at a
+    time: the file is memory-mapped (an on-disk merged index's lists are mapped from its
+    ``.ivfdata``), so a whole index is never loaded into the process, whatever its size. Flat
+    indexes (an id map, no lists; chosen only for small N) are read whole."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: index not found; run the index stage")
+    # on-disk lists: mapped from the .ivfdata beside; in-file lists: the file itself mapped
+    # (IO_FLAG_MMAP would skip an on-disk index's lists: reading them then crashes)
+    flags = (faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+             if ivfdata_path(path).is_file() else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    with _c_stdout_to_stderr():
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError:
+            index = faiss.read_index_binary(str(path), flags)
+    if not _has_ivf(index):
+        ids = all_ids(index)
+        for s in range(0, len(ids), chunk):
+            yield ids[s:s + chunk]
+        return
+    invlists = _ivf(index).invlists
+    for lst in range(_ivf(index).nlist):
+        n = invlists.list_size(lst)
+        if n:
+            # a view of the mapped list (no copy); consumers take what they need chunk by chunk
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n)
+            for s in range(0, n, chunk):
+                yield ids[s:s + chunk]

@@ -398,6 +398,8 @@ def index_populate(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
 def index_merge(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
     """Per layer: merge the parts into one index or into one shard per store partition (in
     memory or on disk), tune nprobe when asked, and write index.json."""
+    from pipeline.index.choice import choose_merge
+
     spec, layout = run.spec, run.layout
     shards = run.state["shards"]
     num_parts = spec.store.partitions
@@ -409,10 +411,15 @@ def index_merge(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
                   for p in range(num_parts)}
     files = [str(layout.features_file(s["shard_index"])) for s in shards]
     subset = _subset_for(run, "index")
+    populate_fp = fingerprint({k: p.train_fp for k, p in plans.items()})
     for layer, plan in plans.items():
         fp = plan.merge_fp
-        # factory: auto may pick an exact Flat index, which has no inverted lists to put on disk
-        ondisk = spec.index.merge == "ondisk" and "IVF" in plan.factory \
+        # factory: auto may pick an exact Flat index, which has no inverted lists to put on disk;
+        # merge: auto goes on disk above a size (index/choice.py)
+        n = sum(c.get("added", 0) for u, c in run.manifest.unit_counts("index.populate", populate_fp)
+                if u.startswith(f"{layer}/"))
+        ondisk = choose_merge(spec.index.merge, n, plan.factory, spec.index.layout,
+                              num_parts) == "ondisk" and "IVF" in plan.factory \
             and not plan.factory.startswith("B")
         units = [Unit(f"{layer}/{'merged' if p is None else f'shard-{p:03d}'}", tasks.merge_task,
                       (str(layout.trained_index(layer)),
@@ -502,16 +509,36 @@ def stage_store(run: JobRun) -> None:
 
 
 def stage_verify(run: JobRun) -> None:
-    from pipeline.runtime.verify import verify_job
+    """The invariant, as tasks bounded by one shard, hash bucket, index file or store partition
+    (pipeline/runtime/verify.py): verify.shards, verify.keys, verify.index.<layer>, verify.store
+    (and verify.diagnose when digests differ); the driver keeps O(shards). Done once per
+    fingerprint (the `verify` unit); a run that did not finish re-runs every unit."""
+    from pipeline.runtime.verify import VerifyFailed, verify_job
 
     fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), run.spec.index.model_dump(),
                      run.state["subset_fp"])
+    if run.manifest.is_done("verify", "verify", fp):
+        return
+    run_fp = fingerprint(fp, time.time_ns())  # the units' scratch files last one run only
+
+    def run_stage(stage, units):
+        run.run(stage, units, run_fp, section="verify", desc=stage, total=len(units))
+        return run.manifest.unit_counts(stage, run_fp)
+
     sub = run.spec.subset
-    result = run.single("verify", verify_job, fp, str(run.layout.root), run.state["shards"],
-                        run.spec.features.layers, run.spec.store.partitions,
-                        run.state["subset_manifest"], sub.apply if sub else None, big=False)
-    if result is not None:
-        run.state["verify"] = result
+    run.manifest.mark_running("verify", ["verify"], fp)
+    try:
+        result = verify_job(str(run.layout.root), run.state["shards"], run.spec.features.layers,
+                            run.spec.store.partitions, run.state["subset_manifest"],
+                            sub.apply if sub else None, run_stage=run_stage)
+    except (VerifyFailed, FileNotFoundError) as err:
+        run.manifest.mark_failed("verify", "verify", str(err))
+        raise StageFailed(f"stage verify: {err}") from None
+    except StageFailed as err:
+        run.manifest.mark_failed("verify", "verify", str(err))
+        raise
+    run.manifest.mark_done("verify", "verify", result)
+    run.state["verify"] = result
 
 
 def stage_evaluate(run: JobRun) -> None:

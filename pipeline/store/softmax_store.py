@@ -282,6 +282,23 @@ class SoftmaxStore:
             for key in db.iterator(include_value=False):
                 yield struct.unpack(">q", key)[0]
 
+    def iter_id_chunks(self, partition_index: int, chunk: int = 1 << 16,
+                       lo: int | None = None, hi: int | None = None):
+        """The ids of one open partition in ascending order (keys are big-endian, ids >= 0), as
+        int64 arrays of at most ``chunk``; only ids in [lo, hi) when given (a range scan: e.g.
+        one input shard's ids, ``shard << 24`` up to ``shard + 1 << 24``)."""
+        db = self._dbs[partition_index]
+        keys = db.iterator(include_value=False, start=None if lo is None else id_key(lo),
+                           stop=None if hi is None else id_key(hi))
+        buf: list[bytes] = []
+        for key in keys:
+            buf.append(key)
+            if len(buf) >= chunk:
+                yield np.frombuffer(b"".join(buf), ">i8").astype(np.int64)
+                buf = []
+        if buf:
+            yield np.frombuffer(b"".join(buf), ">i8").astype(np.int64)
+
     def close(self) -> None:
         for db in self._dbs.values():
             db.close()
