@@ -178,3 +178,71 @@ def test_cli_subset_build_through_ray(collection, tmp_path, ray_local):
     assert pq.read_table(out / "subset.parquet").num_rows == 25
     result = CliRunner().invoke(main, args[:5] + ["5000"] + args[6:])
     assert result.exit_code == 2 and "only 300 samples" in result.output
+
+
+def _candidate_files(tmp_path, n: int, shards: int, seed: int = 0, dup_hash: bool = False):
+    """Shards' candidate files as the scan writes them (ascending hash), n rows in all."""
+    import pyarrow as pa
+
+    from pipeline.data.subsets import CANDIDATE_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for s in range(shards):
+        m = n // shards
+        h = np.sort(rng.integers(0, 2**64 - 1, m, dtype=np.uint64, endpoint=True))
+        if dup_hash and m > 10:
+            h[5] = h[4]  # equal hashes count once each
+        path = tmp_path / f"c{n}" / f"{s:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({
+            "hash": pa.array(h, pa.uint64()), "shard_index": pa.array(np.full(m, s), pa.int64()),
+            "key": pa.array([f"{s}-{i}" for i in range(m)], pa.string()),
+            "hashtags": pa.array([[]] * m, pa.list_(pa.string())),
+            "classes": pa.array([[0]] * m, pa.list_(pa.int32()))}, schema=CANDIDATE_SCHEMA), path,
+            row_group_size=8192)
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("size", [1, 777, 20_000, 39_999, 40_000, 50_000])
+def test_merge_threshold_by_hash_range_equals_the_sorted_answer(tmp_path, monkeypatch, size):
+    from pipeline.data import subsets
+
+    files = _candidate_files(tmp_path, 40_000, 7, seed=size, dup_hash=True)
+    every = np.sort(np.concatenate([pq.read_table(f).column("hash").to_numpy() for f in files]))
+    want = int(every[min(size, len(every)) - 1])
+    for cap, batch in ((1 << 20, 1 << 16), (50, 1000)):  # small cap: several narrowing passes
+        monkeypatch.setattr(subsets, "RANGE_CAP", cap)
+        monkeypatch.setattr(subsets, "READ_BATCH", batch)
+        assert subsets.global_threshold(files, size) == (want, len(every))
+    out = subsets.write_subset_manifest(files, want, tmp_path / "m.parquet", 1)
+    assert out["selected"] == int((every <= np.uint64(want)).sum())
+    assert out["coverage"].tolist() == [out["selected"]]
+
+
+def test_merge_memory_does_not_grow_with_n(tmp_path):
+    """Peak traced memory of the merge (threshold + manifest write) for N = 50k and 400k
+    candidates over the same shard count: the same, within the writer's batch."""
+    import tracemalloc
+
+    from pipeline.data.subsets import global_threshold, write_subset_manifest
+
+    peaks = {}
+    for n in (50_000, 400_000):
+        files = _candidate_files(tmp_path, 2 * n, 16)  # the merge drops half
+        tracemalloc.start()
+        try:
+            threshold, total = global_threshold(files, n)
+            peak_threshold = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            out = write_subset_manifest(files, threshold, tmp_path / f"m{n}.parquet", 1)
+            peaks[n] = (peak_threshold, tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert total == 2 * n and out["selected"] == n
+    print("merge peaks (threshold, write) KiB:", {n: (a // 1024, b // 1024) for n, (a, b) in peaks.items()})
+    (t_small, w_small), (t_large, w_large) = peaks[50_000], peaks[400_000]
+    assert t_large <= 1.25 * t_small + 256 * 1024  # 8x N: not 8x the memory
+    assert w_large <= 1.25 * w_small + 256 * 1024
+    assert t_large < 400_000 * 8 / 2  # far below holding the N hashes

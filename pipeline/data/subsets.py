@@ -1,7 +1,9 @@
 """IG-N-All and IG-N-Targeted subsets: exactly N keys, reproducible, chosen without a global shuffle.
 
 Every eligible key gets a seeded 64-bit hash; the subset is the N smallest hashes. Each shard
-keeps its local N smallest (a task per shard), the merge keeps the global N with memory O(N).
+keeps its local N smallest (a task per shard, written in ascending hash order); the merge finds
+the global N-th smallest hash by hash range (counts per range, streamed in batches) and writes
+the rows at or below it, in memory that does not grow with N (N up to 1e9 and beyond).
 For a fixed seed the N1-subset is contained in the N2-subset whenever N1 < N2 (nested database
 sizes), and the choice is uniform over eligible keys.
 """
@@ -91,24 +93,62 @@ def _write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def global_threshold(candidate_files: list, size: int) -> tuple[int | None, int]:
-    """(largest hash of the global ``size`` smallest, eligible candidates seen), streaming over
-    the shards' candidate files with memory O(size + one shard)."""
-    best = np.zeros(0, np.uint64)
-    total = 0
+# The merge reads candidate hashes in batches of this many rows, counts them in HIST_BINS hash
+# ranges, narrows to the range holding the N-th smallest, and sorts only that range once it holds
+# at most RANGE_CAP hashes: memory O(batch + bins + cap), whatever N and the number of shards.
+READ_BATCH = 1 << 16
+HIST_BINS = 1 << 16
+RANGE_CAP = 1 << 20
+
+
+def _hash_batches(candidate_files: list):
     for path in candidate_files:
-        hashes = pq.read_table(path, columns=["hash"]).column("hash").to_numpy()
-        total += len(hashes)
-        best = np.concatenate([best, hashes])
-        if len(best) > size:
-            best = np.partition(best, size - 1)[:size]
-    return (int(best.max()) if len(best) else None), total
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH, columns=["hash"]):
+            yield batch.column(0).to_numpy()
+
+
+def global_threshold(candidate_files: list, size: int) -> tuple[int | None, int]:
+    """(largest hash of the global ``size`` smallest, eligible candidates seen), by hash range:
+    each pass streams every shard's candidate hashes in batches and counts them per range of
+    [lo, lo + width) (HIST_BINS ranges), then keeps only the range holding the ``size``-th
+    smallest; once that range holds <= RANGE_CAP hashes they are collected and the answer
+    picked among them. Uniform 64-bit hashes need two passes; memory does not grow with N."""
+    lo, width_bits = 0, 64  # the search range [lo, lo + 2^width_bits)
+    below = 0  # candidates with a hash under lo
+    total = in_range = None
+    largest = None
+    while True:
+        hi = lo + (1 << width_bits)
+        if in_range is not None and (in_range <= RANGE_CAP or width_bits <= 16):
+            picked = [p for h in _hash_batches(candidate_files)
+                      if len(p := h[(h >= np.uint64(lo)) & (h <= np.uint64(hi - 1))])]
+            picked = np.concatenate(picked) if picked else np.zeros(0, np.uint64)
+            k = size - below - 1  # 0-based rank of the answer inside the range
+            return int(np.partition(picked, k)[k]), total
+        shift = width_bits - 16
+        counts = np.zeros(HIST_BINS, np.int64)
+        for h in _hash_batches(candidate_files):
+            if total is None:
+                largest = max(largest or 0, int(h.max())) if len(h) else largest
+            else:
+                h = h[(h >= np.uint64(lo)) & (h <= np.uint64(hi - 1))]
+            counts += np.bincount(((h - np.uint64(lo)) >> np.uint64(shift)).astype(np.int64),
+                                  minlength=HIST_BINS)
+        if total is None:
+            total = int(counts.sum())
+            if total <= size:  # every candidate is selected
+                return largest, total
+        cum = below + np.cumsum(counts)
+        b = int(np.searchsorted(cum, size, side="left"))  # first range reaching `size`
+        below = int(cum[b - 1]) if b else below
+        in_range = int(counts[b])
+        lo, width_bits = lo + (b << shift), shift
 
 
 def write_subset_manifest(candidate_files: list, threshold: int | None, out_path: str | os.PathLike,
                           num_classes: int = 1000) -> dict:
-    """Write the selected rows (hash <= threshold), shard by shard, to one Parquet manifest;
-    returns the selected count and per-class coverage."""
+    """Write the selected rows (hash <= threshold), shard by shard in row batches, to one Parquet
+    manifest; returns the selected count and per-class coverage."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -116,13 +156,14 @@ def write_subset_manifest(candidate_files: list, threshold: int | None, out_path
     selected = 0
     with pq.ParquetWriter(tmp, CANDIDATE_SCHEMA) as writer:
         for path in candidate_files:
-            table = pq.read_table(path)
-            if threshold is not None:
+            if threshold is None:
+                break
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
+                table = pa.Table.from_batches([batch])
                 keep = table.column("hash").to_numpy() <= np.uint64(threshold)
+                if not keep.any():
+                    continue
                 table = table.filter(pa.array(keep))
-            else:
-                table = table.slice(0, 0)
-            if table.num_rows:
                 classes = table.column("classes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 np.add.at(coverage, classes[classes < num_classes], 1)
                 writer.write_table(table)
