@@ -16,7 +16,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export THP_MEM_ALLOC_ENABLE := 1
 export KNN_DEFENSE_FASHION_MNIST_DIR := $(FASHION_MNIST_DIR)
 
-.PHONY: help setup data demo test test-fast lint docs bench imagenet-samples reproduce clean gpu-wheels gpu-check
+.PHONY: help setup data browser demo test test-fast lint docs bench imagenet-samples reproduce clean gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,20 @@ data:  ## install Fashion-MNIST (Debian package dataset-fashion-mnist) unless it
 		exit 1; \
 	fi
 
+# The viewer's browser test drives Debian's Chromium; make test installs it where apt-get can
+# (make demo does not). Without it that one test is skipped, saying why.
+browser:  ## install chromium + chromium-driver (Debian) for the viewer's browser test, where apt-get can
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		exit 0; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "setup: apt-get install chromium chromium-driver (the viewer's browser test)"; \
+		( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null ) \
+			|| echo "setup: could not install chromium: tests/test_browser.py will be skipped"; \
+	else \
+		echo "setup: no apt-get: tests/test_browser.py will be skipped (install chromium and chromedriver)"; \
+	fi
+
 demo: setup  ## run jobs/demo.yaml end to end and print the accuracy table
 	$(BIN)/knn-defense run jobs/demo.yaml
 
@@ -57,7 +71,7 @@ reproduce: setup imagenet-samples  ## the reproductions of docs/evaluation.md (F
 	$(BIN)/knn-defense evaluate experiments/fashion-mnist.yaml
 	$(BIN)/knn-defense evaluate experiments/imagenet-samples.yaml
 
-test: setup  ## run the whole test suite (unit + end-to-end through Ray)
+test: setup browser  ## run the whole test suite (unit + end-to-end through Ray)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup  ## the tests without the slow end-to-end ones

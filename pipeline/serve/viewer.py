@@ -1,6 +1,6 @@
 """The neighbour viewer: a page at ``/`` and the endpoints it calls.
 
-``GET /`` and ``/static/*``: the page (package data, no build step, no CDN). ``POST /explain``:
+``GET /``: the page (package data, inlined into one response; no build step, no CDN). ``POST /explain``:
 one image's undefended prediction and, for every layer, its K neighbours (ids, keys, distances,
 vote weights) and the defended prediction under every weighting. ``GET /queries?page=N`` and
 ``GET /query-image/{key}``: the job's query split, paged. ``GET /image/{id}?size=S``: a database
@@ -30,7 +30,6 @@ from starlette.concurrency import run_in_threadpool
 from pipeline.data.offsets import ImageNotFound
 
 WEIGHTINGS = ("uw", "cbw_e", "cbw_d")
-STATIC = {"viewer.css": "text/css", "viewer.js": "text/javascript"}
 VIEWER_LIMITS = dict(max_attack_steps=100, max_attack_budget=1.0, attack_timeout_s=60.0,
                      attack_database_size=2000, max_thumbnail=512, queries_per_page=48)
 
@@ -39,8 +38,15 @@ class AttackTimeout(RuntimeError):
     pass
 
 
-def _static(name: str) -> str:
-    return resources.files("pipeline.serve").joinpath("static", name).read_text()
+def page_html() -> str:
+    """The page with its stylesheet and script inlined: one guarded request loads it all (a
+    ``<script src>`` could not carry the token)."""
+    files = resources.files("pipeline.serve").joinpath("static")
+    html = files.joinpath("index.html").read_text()
+    html = html.replace('<link rel="stylesheet" href="viewer.css">',
+                        f"<style>\n{files.joinpath('viewer.css').read_text()}</style>")
+    return html.replace('<script src="viewer.js"></script>',
+                        f"<script>\n{files.joinpath('viewer.js').read_text()}</script>")
 
 
 def thumbnail(data: bytes, size: int, max_pixels: int) -> tuple[bytes, str]:
@@ -213,13 +219,7 @@ def add_viewer(app: FastAPI, defense, *, job_dir, read_request, check_params, de
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(_static("index.html"))
-
-    @app.get("/static/{name}")
-    async def static(name: str):
-        if name not in STATIC:
-            raise HTTPException(404, f"no static file {name!r}")
-        return Response(_static(name), media_type=STATIC[name])
+        return HTMLResponse(page_html())
 
     @app.get("/viewer-info")
     async def viewer_info():
