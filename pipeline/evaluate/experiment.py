@@ -187,65 +187,198 @@ def _hash(*parts) -> str:
     return fingerprint(*parts, length=12)
 
 
-def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int,
-                 decoder: str = "pil"):
-    """(sample keys, images uint8, labels) of the fixed-seed query sample, plus the rest of the
-    split (the white-box attacker may draw from it: images outside the query sample). Decoded
-    by ``decoder``, the database recipe's."""
+def _list_samples(urls: list[str]) -> tuple[list[str], list[int], dict]:
+    """Keys and shard positions of every sample with an image (decode-free: tar headers and
+    labels only), and the skip counts of that scan."""
+    from collections import Counter
+
+    from pipeline.data.shards import ShardStats, iter_samples
+
+    keys, where, skipped = [], [], Counter()
+    for u, url in enumerate(urls):
+        stats = ShardStats()
+        for sample in iter_samples(url, stats, decode=False, meta_exts=("cls",)):
+            if sample.label is None:
+                raise ValueError(f"{url}: sample {sample.key} has no label (.cls): evaluation "
+                                 "needs a label for every query image")
+            keys.append(sample.key)
+            where.append(u)
+        skipped.update(stats.skipped)
+    return keys, where, dict(skipped)
+
+
+def _decode_samples(urls: list[str], keys: set[str], decode: dict) -> tuple[dict, dict]:
+    """{key: (image, label)} of ``keys``, read from the shards of ``urls`` only (passing
+    other samples over unread), and the skip counts of those decoded."""
+    from pipeline.data.shards import NoDecodableImage
     from pipeline.features.tensor_decode import load_images_like_database
 
-    keys, images, labels, skipped = load_images_like_database(
-        query_urls, decoder, max_pixels=max_pixels, **decode_args(model))
-    if (labels < 0).any():
-        raise ValueError("evaluation needs a label (.cls) for every query image")
-    chosen = np.arange(len(images))
-    if ev.num_queries is not None and ev.num_queries < len(images):
-        chosen = np.sort(np.random.default_rng(ev.seed).choice(len(images), ev.num_queries,
-                                                               replace=False))
-    rest = np.setdiff1d(np.arange(len(images)), chosen)
-    return ({"keys": [keys[i] for i in chosen], "images": images[chosen], "labels": labels[chosen],
-             "skipped": skipped},
-            {"images": images[rest], "labels": labels[rest]})
+    if not keys or not urls:
+        return {}, {}
+    try:
+        got, images, labels, skipped = load_images_like_database(urls, only_keys=keys, **decode)
+    except NoDecodableImage:
+        return {}, {"corrupt_image": len(keys)}
+    return {k: (images[i], int(labels[i])) for i, k in enumerate(got)}, skipped
+
+
+class QuerySplit:
+    """The query split as keys, decoded on demand: the fixed-seed query sample and the rest of
+    the split (the white-box attacker may draw from it: images outside the query sample)."""
+
+    def __init__(self, urls: list[str], keys: list[str], where: list[int], decode: dict):
+        self.urls, self.keys, self.where, self.decode = urls, keys, where, decode
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def draw(self, rng, n: int, pool: np.ndarray | None = None, sort: bool = True
+             ) -> tuple[list[str], np.ndarray, np.ndarray, dict, np.ndarray]:
+        """``n`` samples drawn uniformly (``rng.choice``) from positions ``pool`` (default
+        all), decoded from only the shards holding them, in split order when ``sort``; a drawn
+        image that does not decode is replaced by another draw. Returns keys, images, labels,
+        skip counts, and the positions used."""
+        from collections import Counter
+
+        pool = np.arange(len(self.keys)) if pool is None else np.asarray(pool)
+        n = min(n, len(pool))
+        if n == len(pool) and sort:  # the whole pool, in order: no draw
+            picked = pool.copy()
+        else:
+            picked = rng.choice(pool, n, replace=False)
+            picked = np.sort(picked) if sort else picked
+        done: dict[int, tuple] = {}
+        skipped: Counter = Counter()
+        remaining = np.setdiff1d(pool, picked)
+        todo = picked
+        while len(todo):
+            shards = sorted({self.where[i] for i in todo})
+            got, skips = _decode_samples([self.urls[u] for u in shards],
+                                         {self.keys[i] for i in todo}, self.decode)
+            skipped.update(skips)
+            done.update({int(i): got[self.keys[i]] for i in todo if self.keys[i] in got})
+            missing = n - len(done)
+            if missing <= 0 or not len(remaining):
+                break
+            todo = rng.choice(remaining, min(missing, len(remaining)), replace=False)
+            remaining = np.setdiff1d(remaining, todo)
+        order = [i for i in (sorted(done) if sort else done)]
+        if not order:
+            from pipeline.data.shards import NoDecodableImage
+
+            raise NoDecodableImage(f"no decodable image among {n} drawn from {len(self.urls)} shard(s)")
+        images = np.stack([done[i][0] for i in order])
+        labels = np.asarray([done[i][1] for i in order], np.int64)
+        return [self.keys[i] for i in order], images, labels, dict(skipped), np.asarray(order)
+
+
+def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int,
+                 decoder: str = "pil"):
+    """(the fixed-seed query sample: keys, images uint8, labels, skip counts; the rest of the
+    split as a :class:`QuerySplit` and the positions outside the sample). Only the sample is
+    decoded (by ``decoder``, the database recipe's), from the shards holding it: the split is
+    listed without decoding, ``num_queries`` positions drawn from it (the same positions as
+    when the whole split was decoded, unless an image fails to decode; then another draw
+    replaces it)."""
+    keys, where, skipped = _list_samples(query_urls)
+    if not keys:
+        from pipeline.data.shards import NoDecodableImage
+
+        raise NoDecodableImage(f"no decodable image in {len(query_urls)} shard(s)")
+    split = QuerySplit(query_urls, keys, where,
+                       dict(decoder=decoder, max_pixels=max_pixels, **decode_args(model)))
+    rng = np.random.default_rng(ev.seed)
+    n = len(keys) if ev.num_queries is None else min(ev.num_queries, len(keys))
+    chosen_keys, images, labels, skips, chosen = split.draw(rng, n)
+    for reason, count in skips.items():
+        skipped[reason] = skipped.get(reason, 0) + count
+    rest = np.setdiff1d(np.arange(len(keys)), chosen)
+    return ({"keys": chosen_keys, "images": images, "labels": labels, "skipped": skipped},
+            {"split": split, "positions": rest})
+
+
+def _database_counts(layout, job) -> tuple[list, np.ndarray, str]:
+    """Where the defense database's rows are counted: the subset manifest's row groups
+    (its keys), or each feature shard's row count (Parquet metadata: nothing decoded)."""
+    import pyarrow.parquet as pq
+
+    if layout.subset_manifest.is_file() and job.subset is not None:
+        meta = pq.ParquetFile(layout.subset_manifest).metadata
+        return list(range(meta.num_row_groups)), np.asarray(
+            [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], np.int64), "subset"
+    table = pq.read_table(layout.shards_table, columns=["shard_index"])
+    shards = table.column("shard_index").to_pylist()
+    return shards, np.asarray([pq.read_metadata(layout.features_file(i)).num_rows for i in shards],
+                              np.int64), "features"
+
+
+def database_sample_keys(layout, job, rng, n: int) -> dict[int, set[str]]:
+    """``n`` defense-database keys drawn uniformly (positions over the per-unit counts, then
+    (unit, row) pairs), as {shard_index: keys}: only the units holding them are read."""
+    import pyarrow.parquet as pq
+
+    units, counts, kind = _database_counts(layout, job)
+    total = int(counts.sum())
+    if n > total:
+        raise ValueError(f"evaluate.attack_database: {n} defense-database images wanted, "
+                         f"the database has {total}")
+    positions = np.sort(rng.choice(total, n, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    unit_of = np.searchsorted(starts, positions, side="right") - 1
+    by_shard: dict[int, set[str]] = {}
+    subset = pq.ParquetFile(layout.subset_manifest) if kind == "subset" else None
+    for u in np.unique(unit_of):
+        rows = positions[unit_of == u] - starts[u]
+        if subset is not None:
+            group = subset.read_row_group(int(units[u]), columns=["key", "shard_index"])
+            picked = group.take(rows)
+            for key, shard in zip(picked.column("key").to_pylist(),
+                                  picked.column("shard_index").to_pylist(), strict=True):
+                by_shard.setdefault(int(shard), set()).add(key)
+        else:
+            col = pq.read_table(layout.features_file(units[u]), columns=["key"]).column("key")
+            by_shard.setdefault(int(units[u]), set()).update(col.take(rows).to_pylist())
+    return by_shard
 
 
 def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: list[str],
                           batch: int = 512) -> AttackDatabase:
-    """``size`` images: ``overlap`` of them from the defense database (its keys: the subset
-    manifest or the feature shards), the rest from query-split images outside the query
-    sample; then their features per layer (the defense's own pooling and PCA) and softmax."""
+    """``size`` images: ``overlap`` of them from the defense database, the rest from query-split
+    images outside the query sample; then their features per layer (the defense's own pooling
+    and PCA) and softmax. The database images are (shard, row) pairs drawn uniformly from the
+    per-shard row counts (the subset manifest's, or the feature files'), decoded from only the
+    shards holding them; ``rest``: ``load_queries``'s (a QuerySplit and positions, decoded on
+    demand), or decoded ``images``."""
     import pyarrow.parquet as pq
 
-    from pipeline.features.tensor_decode import load_images_like_database
     from pipeline.jobfolder import load_spec
     from pipeline.layout import JobLayout
 
     rng = np.random.default_rng(spec_ad.seed)
     n_in = int(round(spec_ad.size * spec_ad.overlap))
     n_out = spec_ad.size - n_in
-    if n_out > len(rest["images"]):
+    outside = len(rest["images"]) if "images" in rest else len(rest["positions"])
+    if n_out > outside:
         raise ValueError(f"evaluate.attack_database: {n_out} images outside the defense database "
-                         f"wanted, only {len(rest['images'])} query-split images are outside the "
+                         f"wanted, only {outside} query-split images are outside the "
                          "query sample; raise overlap or lower size")
     layout = JobLayout(job_dir)
     job = load_spec(job_dir)
-    table = pq.read_table(layout.shards_table)
-    if layout.subset_manifest.is_file() and job.subset is not None:
-        db_keys = pq.read_table(layout.subset_manifest, columns=["key"]).column("key").to_pylist()
-    else:
-        db_keys = [k for i in table.column("shard_index").to_pylist()
-                   for k in pq.read_table(layout.features_file(i), columns=["key"]).column("key").to_pylist()]
-    if n_in > len(db_keys):
-        raise ValueError(f"evaluate.attack_database: {n_in} defense-database images wanted, "
-                         f"the database has {len(db_keys)}")
-    wanted = {db_keys[i] for i in rng.choice(len(db_keys), n_in, replace=False)}
+    by_shard = database_sample_keys(layout, job, rng, n_in)
     parts = []
-    if wanted:
-        keys, images, _, _ = load_images_like_database(
-            table.column("url").to_pylist(), defense.decoder,
-            max_pixels=job.data.max_image_pixels, **decode_args(defense.model))
-        parts.append(images[[i for i, k in enumerate(keys) if k in wanted]])
-    if n_out:
+    if by_shard:
+        urls = dict(zip(*[pq.read_table(layout.shards_table, columns=[c]).column(c).to_pylist()
+                          for c in ("shard_index", "url")], strict=True))
+        wanted = set().union(*by_shard.values())
+        decode = dict(decoder=defense.decoder, max_pixels=job.data.max_image_pixels,
+                      **decode_args(defense.model))
+        got, _ = _decode_samples([urls[s] for s in sorted(by_shard)], wanted, decode)
+        if got:
+            parts.append(np.stack([image for image, _ in got.values()]))
+    if n_out and "images" in rest:
         parts.append(rest["images"][rng.choice(len(rest["images"]), n_out, replace=False)])
+    elif n_out:
+        parts.append(rest["split"].draw(rng, n_out, rest["positions"], sort=False)[1])
     x = images_to_tensor(np.concatenate(parts))
     feats = {layer: [] for layer in layers}
     probs = []
@@ -258,7 +391,7 @@ def build_attack_database(defense, job_dir: str, spec_ad, rest: dict, layers: li
                 feats[layer].append(stack.project_torch(stack.pool(taps[layer])))
     softmax = torch.cat(probs)
     return AttackDatabase({k: torch.cat(v) for k, v in feats.items()}, softmax, softmax.argmax(1),
-                          from_defense=len(wanted))
+                          from_defense=sum(len(k) for k in by_shard.values()))
 
 
 def given_model(spec: ModelSpec, seed: int) -> tuple[torch.nn.Module, str]:

@@ -131,22 +131,37 @@ def decode_like_database(data: bytes, max_pixels: int, decoder: str, channels: i
 
 def load_images_like_database(urls: list[str], decoder: str, *, channels: int, size: int | None,
                               max_pixels: int, resize: int | None = None,
-                              interpolation: str = "bicubic"
+                              interpolation: str = "bicubic", only_keys=None
                               ) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     """``pipeline.data.shards.load_images`` (keys, uint8 images, labels, skip counts), decoded
     the way the database's images were (the recipe's ``decoder``): evaluation queries must meet
-    the database in the same pixels."""
+    the database in the same pixels. ``only_keys``: decode only these samples (the others are
+    passed over unread), in shard and tar order."""
     from collections import Counter
 
-    from pipeline.data.shards import NoDecodableImage, ShardStats, iter_encoded, load_images
+    from pipeline.data.shards import (
+        NoDecodableImage,
+        ShardStats,
+        iter_encoded,
+        iter_samples,
+        load_images,
+    )
 
-    if decoder != "torchvision":
+    if decoder != "torchvision" and only_keys is None:
         return load_images(urls, channels, size, max_pixels, None, resize, interpolation)
     keys, images, labels = [], [], []
     skipped: Counter = Counter()
     for url in urls:
         stats = ShardStats()
-        for sample, data in iter_encoded(url, stats):
+        if decoder != "torchvision":
+            for s in iter_samples(url, stats, channels=channels, max_pixels=max_pixels, size=size,
+                                  resize=resize, interpolation=interpolation, keys=only_keys):
+                keys.append(s.key)
+                images.append(s.image)
+                labels.append(-1 if s.label is None else s.label)
+            skipped.update(stats.skipped)
+            continue
+        for sample, data in iter_encoded(url, stats, keys=only_keys):
             # skipped and counted with the CPU path's reasons (oversized_image, corrupt_image)
             image, reason = or_skip_reason(decode_like_database, data, max_pixels, decoder,
                                            channels, size, resize, interpolation)
