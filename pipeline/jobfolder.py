@@ -71,8 +71,78 @@ def load_defense_parts(job_dir: str | os.PathLike, layers=None, local_search: bo
     parts = {"spec": spec, "model": model, "transforms": transforms, "recipe": recipe}
     if local_search:
         parts["indexes"] = {name: load_layer_index(layout, name) for name in layers}
-        parts["store"] = SoftmaxStore(layout.store_dir, spec.store.partitions)
+        parts["store"] = open_store(layout, spec.store.partitions)
+        parts["exclude"] = tombstones(layout, layers)
     return parts
+
+
+# --- a living database: generations and removals (written by pipeline/runtime/living.py) ------
+
+
+def read_generations(layout: JobLayout) -> dict:
+    """generation.json: ``generation`` (the database's version: every add, remove or compact
+    makes a new one), ``added`` (one entry per added generation still in its own index files
+    and store: number, shard indexes, images) and ``removals``. A job never changed is
+    generation 0 with nothing added."""
+    if layout.generation.is_file():
+        return read_json(layout.generation)
+    return {"generation": 0, "added": [], "removals": [], "compacted": []}
+
+
+def database_shards(layout: JobLayout) -> list[dict]:
+    """Every shard of the database: the job's shard table (generation 0) and each added
+    generation's, in shard-index order; rows carry their ``generation``."""
+    import pyarrow.parquet as pq
+
+    rows = [{**r, "generation": 0} for r in pq.read_table(layout.shards_table).to_pylist()]
+    gens = read_generations(layout)
+    for g in sorted(x["generation"] for x in gens["added"] + gens.get("compacted", [])):
+        rows += pq.read_table(layout.generation_shards(g)).to_pylist()
+    return rows
+
+
+def removed_ids(layout: JobLayout, shard_index: int | None = None) -> np.ndarray:
+    """Ids removed from the database (all, or one shard's), sorted."""
+    import pyarrow.parquet as pq
+
+    if not layout.removed_table.is_file():
+        return np.zeros(0, np.int64)
+    filters = None if shard_index is None else [("shard", "=", shard_index)]
+    ids = pq.read_table(layout.removed_table, columns=["id"], filters=filters).column("id")
+    return np.sort(ids.to_numpy().astype(np.int64))
+
+
+def tombstones(layout: JobLayout, layers) -> np.ndarray | None:
+    """Removed ids a search must skip: those still in read-only on-disk lists (every other
+    index file had them removed for real). None when no layer needs any."""
+    from pipeline.index.faiss_index import has_ondisk_lists
+
+    ondisk = any(has_ondisk_lists(path) for layer in layers
+                 for path in (layout.merged_index(layer), *layout.index_dir(layer).glob("shard-*.faiss")))
+    removed = removed_ids(layout) if ondisk else np.zeros(0, np.int64)
+    return removed if len(removed) else None
+
+
+def open_store(layout: JobLayout, partitions: int):
+    """The database's softmax store: the base store, and one per added generation."""
+    from pipeline.store.softmax_store import StoreSet
+
+    base = SoftmaxStore(layout.store_dir, partitions)
+    added = read_generations(layout)["added"]
+    if not added:
+        return base
+    generations = []
+    try:
+        for gen in added:
+            parts = sorted({s % partitions for s in gen["shard_indexes"]})
+            generations.append((SoftmaxStore(layout.generation_store(gen["generation"]), partitions,
+                                             only=parts), gen["shard_indexes"]))
+    except BaseException:
+        base.close()
+        for store, _ in generations:
+            store.close()
+        raise
+    return StoreSet(base, generations)
 
 
 def database_recipe(layout: JobLayout, layers, query_device: str = "cpu") -> dict:
@@ -99,9 +169,14 @@ def load_layer_index(layout: JobLayout, layer: str, nprobe: int | None = None,
     info = read_json(layout.index_info(layer), "run the index stage")
     nprobe = nprobe or info.get("nprobe")
     if info.get("layout", "merged") == "merged":
-        return load_index(layout.merged_index(layer), nprobe)
-    wanted = range(info["shards"]) if partitions is None else partitions
-    return shard_set([load_index(layout.index_shard(layer, p), nprobe) for p in wanted])
+        files = [layout.merged_index(layer)]
+    else:
+        wanted = range(info["shards"]) if partitions is None else partitions
+        files = [layout.index_shard(layer, p) for p in wanted]
+    if partitions is None:  # added generations, in their own files until compacted
+        files += [layout.generation_index(layer, g["generation"])
+                  for g in read_generations(layout)["added"]]
+    return shard_set([load_index(path, nprobe) for path in files])
 
 
 class KeyLookup:
@@ -141,13 +216,11 @@ class ImageLookup:
                  cache_shards: int = 64):
         import functools
 
-        import pyarrow.parquet as pq
-
         from pipeline.data.offsets import ImageNotFound, read_offsets
 
         layout = JobLayout(job_dir)
-        table = pq.read_table(layout.shards_table, columns=["shard_index", "url"]).to_pydict()
-        self._urls = dict(zip(table["shard_index"], table["url"], strict=True))  # O(shards)
+        self._urls = {s["shard_index"]: s["url"] for s in database_shards(layout)}  # O(shards)
+        self._removed = removed_ids(layout)
         self._keys_of = keys_of or KeyLookup(job_dir)
 
         @functools.lru_cache(maxsize=cache_shards)
@@ -169,6 +242,8 @@ class ImageLookup:
         shard = int(shards[0])
         if image_id < 0 or shard not in self._urls:
             raise ImageNotFound(f"id {image_id}: no shard {shard} in this database")
+        if np.isin(image_id, self._removed):
+            raise ImageNotFound(f"id {image_id} was removed from this database")
         try:
             key = self._keys_of([image_id])[0]
         except (IndexError, FileNotFoundError):

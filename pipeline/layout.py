@@ -29,6 +29,25 @@ class JobLayout:
     # the query side's default layer, chosen from the evaluation (pipeline/evaluate/layer_choice)
     default_layer = property(lambda self: self.root / "eval" / "default_layer.json")
     summary = property(lambda self: self.root / "summary.json")
+    # a living database (pipeline/runtime/living.py): added generations and removals, recorded
+    # in generation.json, which is written last by every change
+    generation = property(lambda self: self.root / "generation.json")
+    generations_dir = property(lambda self: self.root / "generations")
+    removed_dir = property(lambda self: self.root / "removed")
+    removed_table = property(lambda self: self.root / "removed" / "removed.parquet")
+
+    def generation_shards(self, generation: int) -> Path:
+        return self.generations_dir / f"shards-{generation:03d}.parquet"
+
+    def generation_index(self, layer: str, generation: int) -> Path:
+        return self.index_dir(layer) / f"gen-{generation:03d}.faiss"
+
+    def generation_store(self, generation: int) -> Path:
+        return self.store_dir / f"gen-{generation:03d}"
+
+    def change_dir(self, kind: str, number: int) -> Path:
+        """The journal folder of one change (``kind``: add, remove, compact)."""
+        return self.root / "changes" / f"{number:03d}-{kind}"
 
     # where each sample's image bytes lie in its tar (pipeline/data/offsets.py), one file per shard
     offsets_dir = property(lambda self: self.root / "shards" / "offsets")

@@ -44,7 +44,7 @@ class DefendedClassifier:
                  weighting: str = DEFAULT_WEIGHTING, k: int = 50, nprobe: int | None = None,
                  cbw_d_m: int = 20, cbw_d_p: float = 3.0, batch_size: int = 256,
                  stored_weights: bool = False, recipe: dict | None = None,
-                 layer_reason: str | None = None):
+                 layer_reason: str | None = None, exclude: np.ndarray | None = None):
         self.model = model.eval()
         # The database's feature recipe, the one this query path runs, and what differs
         # (pipeline/features/recipe.py); None for a model not loaded from a job folder.
@@ -67,7 +67,7 @@ class DefendedClassifier:
         # Neighbours come from the local indexes + store, or from a searcher given by the
         # caller (e.g. co-located partition actors, pipeline/runtime/colocated.py).
         self.searcher = searcher or LocalSearcher(indexes, store, nprobe, stored_weights,
-                                                  cbw_d_m, cbw_d_p)
+                                                  cbw_d_m, cbw_d_p, exclude)
 
     @classmethod
     def from_job(cls, job_dir: str | os.PathLike, *, searcher=None,
@@ -83,6 +83,7 @@ class DefendedClassifier:
         spec = parts.pop("spec")
         if searcher is not None:
             parts["searcher"] = searcher
+            parts.pop("exclude", None)
         # nprobe: each index keeps the one index.json records (configured or tuned)
         kwargs = dict(k=spec.evaluate.k, cbw_d_m=spec.evaluate.cbw_d.m, cbw_d_p=spec.evaluate.cbw_d.p,
                       stored_weights=read_json(JobLayout(job_dir).store_info)["encoding"] == "topk")

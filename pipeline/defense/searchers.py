@@ -50,15 +50,17 @@ def merge_topk(parts: list[Neighbours], k: int) -> Neighbours:
 
 
 class LocalSearcher:
-    """Indexes and the store opened in this process."""
+    """Indexes and the store opened in this process; ``exclude``: removed ids that read-only
+    on-disk lists still hold (tombstones), skipped inside the search."""
 
     def __init__(self, indexes: dict, store, nprobe: int | None = None, stored_weights: bool = False,
-                 m: int = 20, p: float = 3.0):
+                 m: int = 20, p: float = 3.0, exclude: np.ndarray | None = None):
         self.indexes, self.store, self.nprobe = indexes, store, nprobe
         self.stored_weights, self.m, self.p = stored_weights, m, p
+        self.exclude = exclude
 
     def neighbours(self, layer: str, vectors: np.ndarray, k: int) -> Neighbours:
-        dist, ids = search(self.indexes[layer], vectors, k, self.nprobe)
+        dist, ids = search(self.indexes[layer], vectors, k, self.nprobe, self.exclude)
         if self.stored_weights:
             return Neighbours(dist, ids, *self.store.get_many(ids, True, self.m, self.p))
         return Neighbours(dist, ids, *self.store.get_many(ids))

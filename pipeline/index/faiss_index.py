@@ -353,13 +353,39 @@ def set_nprobe(index, nprobe: int | None) -> None:
                     quantizer.hnsw.efSearch = max(2 * nprobe, 16)
 
 
-def search(index, queries: np.ndarray, k: int, nprobe: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, nprobe: int | None = None,
+           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(distances [N, k], ids [N, k]): squared L2, or Hamming for binary indexes over packed
-    uint8 codes; id -1 where fewer than k results exist."""
+    uint8 codes; id -1 where fewer than k results exist. ``exclude``: ids no result may be
+    (tombstones of removed images in read-only on-disk lists; float indexes only, the binary
+    ones remove ids for real), filtered inside the scan, so k results still come back."""
     set_nprobe(index, nprobe)
     target = index.combined if isinstance(index, ShardedIndex) else index
-    return target.search(_as_vectors(queries, _is_binary(index)), k)
+    vectors = _as_vectors(queries, _is_binary(index))
+    if exclude is None or not len(exclude):
+        return target.search(vectors, k)
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, np.int64)))
+    member = _members(index)[0]
+    params = (faiss.SearchParametersIVF(sel=selector, nprobe=_ivf(member).nprobe)
+              if _has_ivf(member) else faiss.SearchParameters(sel=selector))
+    return target.search(vectors, k, params=params)
+
+
+def remove_ids_from_file(path: str | os.PathLike, ids: np.ndarray) -> int:
+    """Remove ``ids`` from an index file whose lists live in it (not on disk): batched, one pass
+    over the lists for the whole batch (a call per id would pass over them every time), then
+    the file rewritten under a temp name and renamed. Absent ids are no-ops; returns how many
+    were removed."""
+    index = read_index(path)
+    removed = int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64))))
+    if removed:
+        write_index(index, path)
+    return removed
+
+
+def has_ondisk_lists(path: str | os.PathLike) -> bool:
+    """Whether an index file's inverted lists are read-only on disk (merge: ondisk)."""
+    return ivfdata_path(path).is_file()
 
 
 def all_ids(index) -> np.ndarray:

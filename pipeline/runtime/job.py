@@ -310,7 +310,7 @@ def stage_transforms(run: JobRun) -> None:
 
 
 def stage_features(run: JobRun) -> None:
-    spec, layout = run.spec, run.layout
+    spec = run.spec
     subset = _subset_for(run, "features")
     fp = fingerprint(run.state["transforms_fp"], run.state["transform_sha256"],
                      spec.data.max_image_pixels, __version__, run.state["subset_fp"] if subset else None)
@@ -319,16 +319,22 @@ def stage_features(run: JobRun) -> None:
     # The recipe is part of the fingerprint: features made by other arithmetic (another
     # precision, decoder or device kind) are features of another database.
     fp = fingerprint(fp, recipe.id)
-    provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
-                  "transform_sha256": run.state["transform_sha256"], "recipe": recipe.as_dict()}
-    threads = run.threads(resources)
-    units = (Unit(f"{s['shard_index']:05d}", tasks.features_task,
-                  (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
-                   str(layout.root), provenance, threads, subset)) for s in run.state["shards"])
-    run.run("features", units, fp, desc="features", total=len(run.state["shards"]),
-            samples_key="written")
     run.state["features_fp"] = fp
     run.state["recipe"] = recipe.as_dict()
+    run.run("features", features_units(run, run.state["shards"], subset), fp, desc="features",
+            total=len(run.state["shards"]), samples_key="written")
+
+
+def features_units(run: JobRun, shards: list[dict], subset: str | None = None):
+    """One features unit per shard, with the job's weights, transforms and recipe (also the
+    units of shards added to a finished database: pipeline/runtime/living.py)."""
+    spec = run.spec
+    provenance = {"backbone": spec.model.arch, "weights_sha256": run.state["weights_sha256"],
+                  "transform_sha256": run.state["transform_sha256"], "recipe": run.state["recipe"]}
+    threads = run.threads(run.resources("features"))
+    return (Unit(f"{s['shard_index']:05d}", tasks.features_task,
+                 (spec.model_dump(), s["url"], s["shard_index"], run.state["weights"],
+                  str(run.layout.root), provenance, threads, subset)) for s in shards)
 
 
 def feature_recipe(run: JobRun, device_kind: str) -> FeatureRecipe:
@@ -381,18 +387,22 @@ def index_train(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
 
 def index_populate(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
     """One task per (layer, shard), each writing one part atomically; retried, resumable."""
-    layout = run.layout
-    subset = _subset_for(run, "index")
-    units = [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
-                  (layer, str(layout.trained_index(layer)),
-                   str(layout.features_file(s["shard_index"])),
-                   str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset,
-                   s["shard_index"]))
-             for layer in plans for s in run.state["shards"]]
+    units = populate_units(run, list(plans), run.state["shards"], _subset_for(run, "index"))
     # One run over every layer's units keeps all workers busy; its fingerprint combines the
     # layers' (each unit names its layer).
     run.run("index.populate", units, fingerprint({k: p.train_fp for k, p in plans.items()}),
             desc="index populate", samples_key="added")
+
+
+def populate_units(run: JobRun, layers: list[str], shards: list[dict],
+                   subset: str | None = None) -> list[Unit]:
+    """One part per (layer, shard): the shard's vectors added to the layer's trained index."""
+    layout = run.layout
+    return [Unit(f"{layer}/{s['shard_index']:05d}", tasks.populate_task,
+                 (layer, str(layout.trained_index(layer)), str(layout.features_file(s["shard_index"])),
+                  str(layout.index_part(layer, s["shard_index"])), str(layout.root), subset,
+                  s["shard_index"]))
+            for layer in layers for s in shards]
 
 
 def index_merge(run: JobRun, plans: dict[str, LayerIndexPlan]) -> None:
@@ -490,15 +500,7 @@ def stage_store(run: JobRun) -> None:
     fp = fingerprint(run.state["features_fp"], spec.store.model_dump(),
                      run.state["subset_fp"] if subset else None,
                      spec.evaluate.cbw_d.model_dump() if encoding == "topk" else None)
-    groups: dict[int, list[str]] = {p: [] for p in range(num_parts)}
-    for s in run.state["shards"]:
-        groups[partition_of_shard(s["shard_index"], num_parts)].append(
-            str(layout.features_file(s["shard_index"])))
-    options = {} if encoding == "float16" else {
-        "k": spec.store.topk, "m": spec.evaluate.cbw_d.m, "p": spec.evaluate.cbw_d.p}
-    units = [Unit(f"part-{p:03d}", tasks.store_task,
-                  (str(layout.store_dir), p, files, subset, encoding, options))
-             for p, files in groups.items()]
+    units = store_units(run, run.state["shards"], layout.store_dir, subset, every_partition=True)
     stored = run.run("store", units, fp, desc="store", samples_key="written")
     if stored.ran or not layout.store_info.is_file():
         counts = dict(run.manifest.unit_counts("store", fp))
@@ -506,6 +508,24 @@ def stage_store(run: JobRun) -> None:
                                        "count": sum(c["written"] for c in counts.values()),
                                        "weights_sha256": run.state["weights_sha256"], "fingerprint": fp})
     run.state["store_fp"] = fp
+
+
+def store_units(run: JobRun, shards: list[dict], store_dir, subset: str | None = None,
+                every_partition: bool = False) -> list[Unit]:
+    """One unit per store partition (``every_partition``: also those without shards) writing
+    the softmax of its shards' rows into ``store_dir``."""
+    spec, layout = run.spec, run.layout
+    num_parts = spec.store.partitions
+    groups: dict[int, list[str]] = {p: [] for p in range(num_parts)} if every_partition else {}
+    for s in shards:
+        groups.setdefault(partition_of_shard(s["shard_index"], num_parts), []).append(
+            str(layout.features_file(s["shard_index"])))
+    encoding = spec.store.encoding
+    options = {} if encoding == "float16" else {
+        "k": spec.store.topk, "m": spec.evaluate.cbw_d.m, "p": spec.evaluate.cbw_d.p}
+    return [Unit(f"part-{p:03d}", tasks.store_task,
+                 (str(store_dir), p, files, subset, encoding, options))
+            for p, files in sorted(groups.items())]
 
 
 def stage_verify(run: JobRun) -> None:
@@ -528,7 +548,10 @@ def stage_verify(run: JobRun) -> None:
     sub = run.spec.subset
     run.manifest.mark_running("verify", ["verify"], fp)
     try:
-        result = verify_job(str(run.layout.root), run.state["shards"], run.spec.features.layers,
+        from pipeline.jobfolder import database_shards
+
+        # the whole database: the job's shards and any added generations' (runtime/living.py)
+        result = verify_job(str(run.layout.root), database_shards(run.layout), run.spec.features.layers,
                             run.spec.store.partitions, run.state["subset_manifest"],
                             sub.apply if sub else None, run_stage=run_stage)
     except (VerifyFailed, FileNotFoundError) as err:

@@ -39,7 +39,8 @@ from pipeline.data.subsets import selected_keys
 from pipeline.features.extract import read_metadata
 from pipeline.features.recipe import FeatureRecipe, RecipeMismatch, check_one_recipe
 from pipeline.ids import ROW_BITS, split_ids
-from pipeline.index.faiss_index import iter_id_chunks
+from pipeline.index.faiss_index import has_ondisk_lists, iter_id_chunks
+from pipeline.jobfolder import database_shards, read_generations, removed_ids
 from pipeline.layout import JobLayout, read_json
 from pipeline.runtime.ray_runner import Unit
 from pipeline.store.softmax_store import SoftmaxStore, partition_dir
@@ -139,7 +140,9 @@ def _read_shard(job_dir: str, shard_index: int, url: str, num_keys: int,
         raise VerifyFailed(f"{path}: {int((counts > 1).sum())} ids repeat (e.g. "
                            f"{_describe(int(uniq[counts > 1][0]))}): re-extract shard {shard_index}")
     del uniq, counts
-    indexed = np.ones(len(ids), bool)
+    # removed images (pipeline/runtime/living.py) stay in their feature file, marked in
+    # removed/removed.parquet: no index file or store partition may hold them
+    indexed = ~np.isin(ids, removed_ids(JobLayout(job_dir), shard_index))
     if subset_manifest is not None:
         selected = selected_keys(subset_manifest, shard_index)
         if subset_apply == "features":
@@ -151,7 +154,7 @@ def _read_shard(job_dir: str, shard_index: int, url: str, num_keys: int,
             lost_selected = selected - set(keys) - set(skipped_keys)
             if lost_selected:
                 raise VerifyFailed(f"{path}: {len(lost_selected)} selected keys are not in the shard")
-            indexed = np.fromiter((k in selected for k in keys), bool, len(keys))
+            indexed &= np.fromiter((k in selected for k in keys), bool, len(keys))
         skipped_keys = {k: r for k, r in skipped_keys.items() if k in selected}
     return {"path": path, "keys": keys, "ids": ids, "indexed": indexed, "meta": meta,
             "skipped_keys": skipped_keys}
@@ -287,10 +290,20 @@ def _save_digests(out_path: str, digests: dict) -> dict:
             "first_foreign": digests["first_foreign"], "digests": str(out)}
 
 
-def digest_index_file(index_path: str, out_path: str, num_shards: int) -> dict:
-    """One task per index file (a merged index or an index shard): per-shard digests of its
-    ids, read one inverted list (chunk) at a time from the mapped file, saved to ``out_path``."""
-    return _save_digests(out_path, _add_digests(iter_id_chunks(index_path, CHUNK), num_shards))
+def _live_ids(index_path: str, job_dir: str | None):
+    """An index file's ids a chunk at a time, less the tombstones of read-only on-disk lists
+    (removed ids they still hold, which every search skips)."""
+    gone = removed_ids(JobLayout(job_dir)) if job_dir and has_ondisk_lists(index_path) else None
+    for chunk in iter_id_chunks(index_path, CHUNK):
+        yield chunk if gone is None or not len(gone) else chunk[~np.isin(chunk, gone)]
+
+
+def digest_index_file(index_path: str, out_path: str, num_shards: int,
+                      job_dir: str | None = None) -> dict:
+    """One task per index file (a merged index, an index shard or an added generation's):
+    per-shard digests of its live ids, read one inverted list (chunk) at a time from the
+    mapped file, saved to ``out_path``."""
+    return _save_digests(out_path, _add_digests(_live_ids(index_path, job_dir), num_shards))
 
 
 def digest_store_partition(store_dir: str, partition_index: int, num_partitions: int,
@@ -313,7 +326,7 @@ def diagnose_shard(job_dir: str, shard: dict, target: dict, subset_manifest: str
         with SoftmaxStore(target["store_dir"], target["partitions"], only=[target["partition"]]) as store:
             chunks = [c for c in store.iter_id_chunks(target["partition"], CHUNK, lo, hi)]
     else:
-        chunks = [c[(c >= lo) & (c < hi)] for c in iter_id_chunks(target["path"], CHUNK)]
+        chunks = [c[(c >= lo) & (c < hi)] for c in _live_ids(target["path"], job_dir)]
     got = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
     _compare(target["what"], got, expected, want["path"], target["remedy"])
     raise VerifyFailed(f"{target['what']}: the ids of shard {s} ({want['path']}) differ from "
@@ -338,9 +351,11 @@ def _index_files(layout: JobLayout, layer: str) -> list[tuple[str, Path, int | N
     if not info_path.is_file():
         raise VerifyFailed(f"{info_path}: missing: the index stage never finished for layer {layer}")
     info = read_json(info_path)
+    added = [(f"gen-{g['generation']:03d}", layout.generation_index(layer, g["generation"]), None)
+             for g in read_generations(layout)["added"]]
     if info.get("layout", "merged") == "merged":
-        return [("merged", layout.merged_index(layer), None)]
-    return [(f"shard-{p:03d}", layout.index_shard(layer, p), p) for p in range(info["shards"])]
+        return [("merged", layout.merged_index(layer), None)] + added
+    return [(f"shard-{p:03d}", layout.index_shard(layer, p), p) for p in range(info["shards"])] + added
 
 
 def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partitions: int,
@@ -409,10 +424,15 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
                          "what": f"index {layer}: {path}",
                          "remedy": "re-run the index stage (populate, then merge)"}
                         for name, path, p in files]
-        targets += [{"kind": "store", "stage": "verify.store", "name": f"part-{p:03d}",
-                     "store_dir": str(layout.store_dir), "partition": p, "partitions": partitions,
-                     "what": f"store: {partition_dir(layout.store_dir, p)}",
-                     "remedy": "re-run the store stage"} for p in range(partitions)]
+        stores = [("", layout.store_dir, range(partitions))] + [
+            (f"gen-{g['generation']:03d}/", layout.generation_store(g["generation"]),
+             sorted({s % partitions for s in g["shard_indexes"]}))
+            for g in read_generations(layout)["added"]]
+        targets += [{"kind": "store", "stage": "verify.store", "name": f"{prefix}part-{p:03d}",
+                     "store_dir": str(store_dir), "partition": p, "partitions": partitions,
+                     "what": f"store: {partition_dir(store_dir, p)}",
+                     "remedy": "re-run the store stage"}
+                    for prefix, store_dir, wanted in stores for p in wanted]
         for t in targets:
             if t["kind"] == "index" and not Path(t["path"]).is_file():
                 raise VerifyFailed(f"{t['path']}: missing: the index stage never finished "
@@ -423,12 +443,14 @@ def verify_job(job_dir: str, shard_table: list[dict], layers: list[str], partiti
         mismatched = []
         for stage in dict.fromkeys(t["stage"] for t in targets):
             group = [t for t in targets if t["stage"] == stage]
-            units = [Unit(t["name"], digest_index_file, (t["path"], str(digest_dir / f"{stage}-{t['name']}.npz"),
-                                                         num_shards))
+            units = [Unit(t["name"], digest_index_file,
+                          (t["path"], str(digest_dir / f"{stage}-{t['name'].replace('/', '-')}.npz"),
+                           num_shards, str(layout.root)))
                      if t["kind"] == "index" else
                      Unit(t["name"], digest_store_partition,
                           (t["store_dir"], t["partition"], t["partitions"],
-                           str(digest_dir / f"{stage}-{t['name']}.npz"), num_shards))
+                           str(digest_dir / f"{stage}-{t['name'].replace('/', '-')}.npz"),
+                           num_shards))
                      for t in group]
             results = dict(run_stage(stage, units))
             counts = np.zeros(num_shards, np.int64)
@@ -489,7 +511,7 @@ def verify_folder(job_dir: str, mode: str = "auto", address: str | None = None,
     layout = JobLayout(root)
     if not layout.shards_table.is_file():
         raise VerifyFailed(f"{layout.shards_table}: missing: the shards stage never finished")
-    shards = pq.read_table(layout.shards_table).to_pylist()
+    shards = database_shards(layout)  # the job's shard table and any added generations'
     subset = spec.subset
     manifest = str(layout.subset_manifest) if subset is not None else None
     if manifest is not None and not layout.subset_manifest.is_file():

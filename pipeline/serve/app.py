@@ -392,8 +392,7 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
         return {name: int(index.ntotal) for name, index in defense.indexes.items()}
 
     def store_loaded() -> bool:
-        dbs = getattr(defense.store, "_dbs", None)
-        return defense.store is not None and (dbs is None or len(dbs) > 0)
+        return defense.store is not None and getattr(defense.store, "loaded", True)
 
     @app.get("/healthz")
     async def healthz():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
-from pipeline.ids import NO_RESULT, partition
+from pipeline.ids import NO_RESULT, partition, split_ids
 from pipeline.weighting import diversity_weights, entropy_weights
 
 # Value header: 1-byte encoding version, uint16 class count. Old versions stay decodable.
@@ -236,6 +236,10 @@ class SoftmaxStore:
                         "e.g. the `knn-defense serve` service or a co-located Ray actor") from None
                 raise
 
+    @property
+    def loaded(self) -> bool:
+        return bool(self._dbs)
+
     def get_many(self, ids: np.ndarray, with_weights: bool = False, m: int = 20, p: float = 3.0):
         """Softmax vectors for an id array of any shape -> (values [..., C], found mask [...]),
         plus, with ``with_weights``, weights [..., 2] = (CBW-E, CBW-D(m, p)): stored ones for
@@ -309,3 +313,80 @@ class SoftmaxStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def delete_ids(store_dir: str | os.PathLike, partition_index: int, ids: np.ndarray) -> int:
+    """Delete ``ids`` from one partition (absent ids are no-ops, so a repeat does nothing);
+    returns how many were there. Refuses with StoreLocked while another process holds it."""
+    path = partition_dir(store_dir, partition_index)
+    try:
+        db = plyvel.DB(str(path), create_if_missing=False)
+    except plyvel.IOError as err:
+        if "lock" in str(err).lower():
+            raise StoreLocked(f"{path}: held by another process (a running `knn-defense serve`?): "
+                              "stop it and run the same command again to finish") from None
+        raise
+    try:
+        present = 0
+        with db.write_batch(sync=True) as wb:
+            for i in np.asarray(ids, np.int64).tolist():
+                if db.get(id_key(i)) is not None:
+                    present += 1
+                    wb.delete(id_key(i))
+        return present
+    finally:
+        db.close()
+
+
+def copy_partition(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                   partition_index: int) -> int:
+    """Copy every entry of one partition into the same partition of another store (puts are
+    idempotent, so a repeat after a crash writes the same values); returns the count."""
+    src = plyvel.DB(str(partition_dir(src_dir, partition_index)), create_if_missing=False)
+    dst = plyvel.DB(str(partition_dir(dst_dir, partition_index)), create_if_missing=False)
+    try:
+        count = 0
+        with dst.write_batch(sync=True) as wb:
+            for key, value in src.iterator():
+                wb.put(key, value)
+                count += 1
+        return count
+    finally:
+        src.close()
+        dst.close()
+
+
+class StoreSet:
+    """Several stores read as one (a living database: the base store and one per added
+    generation): an id is looked up in the store of its shard's generation."""
+
+    def __init__(self, base: SoftmaxStore, generations: list[tuple[SoftmaxStore, list[int]]]):
+        self.base, self.generations = base, generations
+        self.num_partitions = base.num_partitions
+        self.store_dir = base.store_dir
+
+    @property
+    def loaded(self) -> bool:
+        return self.base.loaded and all(s.loaded for s, _ in self.generations)
+
+    def get_many(self, ids: np.ndarray, with_weights: bool = False, m: int = 20, p: float = 3.0):
+        """As :meth:`SoftmaxStore.get_many`; each store reads only the ids it owns."""
+        ids = np.asarray(ids, np.int64)
+        shards, _ = split_ids(ids)
+        owner = np.zeros(ids.shape, np.int64)  # 0: the base store, g: generation g's
+        for g, (_, shard_indexes) in enumerate(self.generations, 1):
+            owner[np.isin(shards, shard_indexes)] = g
+        stores = [self.base] + [store for store, _ in self.generations]
+        parts = [store.get_many(np.where((owner == g) & (ids != NO_RESULT), ids, NO_RESULT),
+                                with_weights, m, p)
+                 for g, store in enumerate(stores) if ((owner == g) & (ids != NO_RESULT)).any()]
+        if not parts:  # nothing but "no result"
+            return self.base.get_many(ids, with_weights, m, p)
+        # each id's values come from its one owner; the others gave zeros and found=False
+        return tuple(np.logical_or.reduce([q[j] for q in parts]) if j == 1 else sum(q[j] for q in parts)
+                     for j in range(len(parts[0])))
+
+    def close(self) -> None:
+        self.base.close()
+        for store, _ in self.generations:
+            store.close()
