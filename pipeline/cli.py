@@ -587,6 +587,60 @@ def resume(job_dir, address, no_progress, quiet):
     _finish(summary, None)
 
 
+@main.command()
+@click.argument("job_dir")
+@click.argument("shard_urls", nargs=-1, required=True)
+@click.option("--address", default=None, help="Ray address (default: a local Ray on 127.0.0.1).")
+@progress_options
+@_one_line_errors
+def add(job_dir, shard_urls, address, no_progress, quiet):
+    """Add SHARD_URLS (paths, URLs, {a..b} patterns) to a finished job's database as a new
+    generation: scanned, extracted with the frozen weights and transforms, populated into the
+    trained index (their own generation file) and stored; cost O(new shards). Then verifies."""
+    from pipeline.runtime.living import add_shards
+    from pipeline.runtime.verify import verify_folder
+
+    result = add_shards(job_dir, list(shard_urls), address=address,
+                        progress=not no_progress and not quiet)
+    checked = verify_folder(job_dir)
+    click.echo(f"add: generation {result['generation']}: {result['shards']} shard(s), "
+               f"{result['images']} images (shard indexes {result['shard_indexes'][0]}.."
+               f"{result['shard_indexes'][-1]}); verify ok, {checked['keys']} keys")
+
+
+@main.command()
+@click.argument("job_dir")
+@click.option("--keys", "keys_file", required=True, type=click.Path(dir_okay=False),
+              help="A file with one sample key per line.")
+@_one_line_errors
+def remove(job_dir, keys_file):
+    """Take the listed images out of the database: every index (batched remove_ids; tombstones
+    in read-only on-disk lists until `compact`) and the store; journaled, so running it again
+    after a crash finishes it. Unknown keys are listed, not an error."""
+    from pipeline.runtime.living import remove_keys
+
+    report = remove_keys(job_dir, keys_file)
+    click.echo(f"remove: generation {report['generation']}: {report['found']} of "
+               f"{report['keys']} keys removed, {report['already_removed']} already removed, "
+               f"{report['unknown']} unknown" + (f" (e.g. {', '.join(report['unknown_keys'][:5])})"
+                                                 if report["unknown"] else "")
+               + (f"; {report['tombstoned_files']} on-disk index file(s) skip them until "
+                  "`knn-defense compact`" if report["tombstoned_files"] else ""))
+
+
+@main.command()
+@click.argument("job_dir")
+@_one_line_errors
+def compact(job_dir):
+    """Fold the added generations into the base index files and store partitions, and rewrite
+    on-disk lists without their removed ids (journaled; run it while nothing serves the job)."""
+    from pipeline.runtime.living import compact as compact_job
+
+    result = compact_job(job_dir)
+    click.echo(f"compact: generation {result['generation']}: {result['folded']} added "
+               f"generation(s) folded, {result['rewritten']} index file(s) rewritten")
+
+
 def _recorded_spec(job_dir: str):
     """The resolved spec a job folder (or URL: its local staging copy, else the upload) was
     started with."""
@@ -677,6 +731,25 @@ def _folder_status(target: str) -> None:
         summary = read_json(layout.summary)
         click.echo(f"last summary: {summary.get('status', 'done')}"
                    + (f"; retry: {summary['retry']}" if summary.get("retry") else ""))
+    _generations_status(layout)
+
+
+def _generations_status(layout) -> None:
+    from pipeline.jobfolder import read_generations
+
+    gens = read_generations(layout)
+    if not gens["generation"]:
+        return
+    click.echo(f"database generation {gens['generation']}:")
+    for g in gens.get("compacted", []):
+        click.echo(f"  generation {g['generation']}: added {len(g['shard_indexes'])} shard(s), "
+                   f"{g['images']} images (compacted into the base files)")
+    for g in gens["added"]:
+        click.echo(f"  generation {g['generation']}: added {len(g['shard_indexes'])} shard(s), "
+                   f"{g['images']} images (own index and store files)")
+    for r in gens["removals"]:
+        click.echo(f"  generation {r['generation']}: removed {r['removed']} images "
+                   f"({r['unknown']} unknown keys) from {r['keys_file']}")
 
 
 if __name__ == "__main__":
