@@ -13,9 +13,10 @@ Measured:
 1. bare forward img/s of EfficientNet-Lite0 and ResNet-50 (random init) in bf16, fp32 (TF32 off)
    and tf32, batch 128 and 256;
 2. Pillow decode img/s per core, at 256 px and 1080 px (the shorter side of a web photo);
-3. ``extract_shard`` img/s with Pillow decode (N threads) and nvJPEG decode on 256-px and 1080-px
-   JPEG shards, the ratio to the bare forward of the same model, batch and precision, and peak
-   GPU memory;
+3. ``extract_shard`` img/s with Pillow decode (N threads, N processes), nvJPEG decode, and (at
+   1080 px) the hybrid decoder (nvJPEG, with JPEGs at least twice the resize side draft-decoded
+   by Pillow in N processes) on 256-px and 1080-px JPEG shards, the ratio to the bare forward of
+   the same model, batch and precision, and peak GPU memory;
 4. decoded pixels: nvJPEG on the GPU against torchvision's CPU decode (the query path's, when the
    database used nvJPEG) and against Pillow;
 5. recipe agreement (self-retrieval, decision agreement, cosine) between GPU bf16, GPU fp32,
@@ -226,7 +227,7 @@ def extract_run(model, transforms, shard: str, out_dir: Path, *, device: str, pr
     seconds = time.time() - t0
     result = {"img_per_s": round(counts["written"] / seconds, 1), "images": counts["written"],
               "seconds": round(seconds, 2),
-              "decode_workers": threads if backend == "pil" else 0}
+              "decode_workers": threads if backend in ("pil", "hybrid") else 0}
     if device.startswith("cuda"):
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     out.unlink(missing_ok=True)
@@ -246,9 +247,11 @@ def extraction_table(arch: str, shards: dict[str, str], device: str, precision: 
     bare = bare_forward(model, device, precision, batch, bare_seconds)
     out = {"arch": arch, "precision": precision, "batch": batch, "bare_img_per_s": bare}
     runs = {"pil-threads": ("pil", False), "pil-processes": ("pil", True),
-            "torchvision": ("torchvision", False)}
+            "torchvision": ("torchvision", False), "hybrid": ("hybrid", True)}
     for size_name, shard in shards.items():
         for name, (backend, processes) in runs.items():
+            if backend == "hybrid" and size_name == "256px":
+                continue  # nothing that small is routed to the draft decode: nvJPEG's run
             if processes:  # start the pool first: it starts once per extraction worker
                 warm_pool(threads)
             run = extract_run(model, transforms, shard, workdir, device=device,

@@ -154,8 +154,10 @@ class FeaturesSpec(_Strict):
     # default chosen from the measured agreement between recipes (docs/gpu.md)
     precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     # pil: Pillow in decode_workers threads; torchvision: torchvision.io on the model's device
-    # (nvJPEG on a GPU); auto: torchvision when the model is on a GPU, else pil.
-    decode_backend: Literal["auto", "pil", "torchvision"] = "auto"
+    # (nvJPEG on a GPU); auto: torchvision when the model is on a GPU, else pil; hybrid:
+    # torchvision, but JPEGs at least twice the model's resize side draft-decoded by Pillow in
+    # the decode_workers processes (pipeline/features/tensor_decode.py)
+    decode_backend: Literal["auto", "pil", "torchvision", "hybrid"] = "auto"
 
     @model_validator(mode="after")
     def _layers(self):

@@ -120,7 +120,8 @@ def test_gpu_check_tiny_mode_runs_every_step(tmp_path):
     assert result["finished"] and result["errors"] == {}
     extract = result["extract/efficientnet-lite0/fp32"]
     for key in ("256px/pil-threads", "256px/pil-processes", "256px/torchvision",
-                "1080px/pil-threads", "1080px/pil-processes", "1080px/torchvision"):
+                "1080px/pil-threads", "1080px/pil-processes", "1080px/torchvision",
+                "1080px/hybrid"):
         assert extract[key]["images"] > 0 and extract[key]["ratio_to_bare"] > 0
     agreement = result["recipes"]["query_cpu_fp32"]["recipes"]["cpu/fp32"]
     assert agreement["self_retrieval"]["rate"] == 1.0  # the same recipe finds every image

@@ -63,7 +63,7 @@ def forward_taps(model, x01: torch.Tensor, layers) -> tuple[torch.Tensor, dict[s
 # Bytes a batch holds per image on the GPU besides the forward's own activations and its uint8
 # input (counted by auto_batch_size): with nvJPEG the decoded full-size image (uint8, ~1080 x 1440
 # x 3 for a web photo; the resize's float copy is one image at a time); Pillow decodes on the host.
-DECODE_BYTES_PER_IMAGE = {"torchvision": 1080 * 1440 * 3, "pil": 0}
+DECODE_BYTES_PER_IMAGE = {"torchvision": 1080 * 1440 * 3, "hybrid": 1080 * 1440 * 3, "pil": 0}
 
 
 def auto_batch_size(model, requested: int | str = "auto", cap: int = 1024, *,
@@ -150,18 +150,37 @@ def pil_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: d
 
 
 def tensor_batches(shard_url: str, stats: ShardStats, batch_size: int, *, decode: dict,
-                   max_pixels: int, device, only_keys=None
-                   ) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
+                   max_pixels: int, device, only_keys=None, hybrid: bool = False,
+                   workers: int = 0) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
     """The same batches decoded by torchvision on ``device`` (nvJPEG on a GPU) as [B, C, H, W]
-    floats in [0, 1]; a batch is shorter by the images skipped in it."""
+    floats in [0, 1]; a batch is shorter by the images skipped in it. ``hybrid``: JPEGs much
+    larger than the model's input are draft-decoded by Pillow in ``workers`` decode processes
+    while nvJPEG decodes the rest (``tensor_decode.draft_on_cpu``)."""
+    cpu_decode = _pool_decoder(workers) if hybrid and workers > 0 else None
     for batch in batches(iter_encoded(shard_url, stats, keys=only_keys), batch_size):
         x, kept, skipped = decode_batch([data for _, data in batch], device,
-                                        max_pixels=max_pixels, **decode)
+                                        max_pixels=max_pixels, hybrid=hybrid,
+                                        cpu_decode=cpu_decode, **decode)
         for i, reason, detail in skipped:
             stats.skip(reason, batch[i][0].key, detail)
         stats.decoded += len(kept)
         if kept:
             yield [batch[i][0].key for i in kept], [_label(batch[i][0].label) for i in kept], x
+
+
+def _pool_decoder(workers: int, chunk: int = 8):
+    """``decode_batch``'s ``cpu_decode`` on this process's decode pool: chunks submitted at once,
+    results collected in order when the nvJPEG part of the batch is done."""
+    from pipeline.data.shards import _decode_chunk, decode_process_pool
+
+    pool = decode_process_pool(workers)
+
+    def submit(datas: list[bytes], args: tuple):
+        futures = [pool.submit(_decode_chunk, datas[i:i + chunk], args)
+                   for i in range(0, len(datas), chunk)]
+        return lambda: [r for f in futures for r in f.result()]
+
+    return submit
 
 
 _DONE = object()
@@ -314,7 +333,8 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
     Images are decoded by Pillow in ``decode_workers`` threads (or processes, with
     ``decode_processes``) up to two batches ahead, so the model is not starved, or by
     torchvision on the model's device (``decode_backend``; ``auto``:
-    nvJPEG when the model is on a GPU). Streamed in row groups of ``flush_rows`` to a temp name
+    nvJPEG when the model is on a GPU; ``hybrid``: nvJPEG, but JPEGs much larger than the input
+    draft-decoded by Pillow in ``decode_workers`` processes). Streamed in row groups of ``flush_rows`` to a temp name
     and renamed at the end (:class:`ShardWriter`), so a crash leaves no half-written file."""
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -325,8 +345,9 @@ def extract_shard(model, transforms: dict, shard_url: str, shard_index: int, out
                                  decode_bytes_per_image=DECODE_BYTES_PER_IMAGE[backend])
     stats = ShardStats(record_keys=True)
     source = dict(decode=decode, max_pixels=max_pixels, only_keys=only_keys)
-    if backend == "torchvision":
-        decoded = tensor_batches(shard_url, stats, batch_size, device=device, **source)
+    if backend in ("torchvision", "hybrid"):
+        decoded = tensor_batches(shard_url, stats, batch_size, device=device,
+                                 hybrid=backend == "hybrid", workers=decode_workers, **source)
     else:
         decoded = pil_batches(shard_url, stats, batch_size, workers=decode_workers,
                               processes=decode_processes, **source)

@@ -3,7 +3,15 @@ node's few CPU cores only read tars. Resize and centre crop run there too, with 
 and rounding to uint8 levels as the CPU path (``pipeline.data.shards.decode_image``); pixels differ
 from Pillow's by a few levels (full-resolution decode, torch's antialiased kernels). Images that
 are not JPEG, or that torchvision cannot decode, go through the CPU path, which also names the
-reason a sample is skipped."""
+reason a sample is skipped.
+
+The ``hybrid`` decoder: nvJPEG decodes every pixel of a JPEG, however large, before the resize
+throws most away; Pillow's draft mode decodes a large JPEG at 1/2, 1/4 or 1/8 scale in the DCT
+domain. So JPEGs whose header says their shorter side is at least ``DRAFT_FACTOR`` times the
+model's resize side go to the CPU path (draft + resize + crop, ``decode_image``), in the task's
+decode processes while nvJPEG decodes the rest of the batch; the rule depends only on the image
+header, so the query side (``decode_like_database``) decodes each image the way the database
+did."""
 
 from __future__ import annotations
 
@@ -15,7 +23,10 @@ from PIL import Image
 
 from pipeline.data.shards import check_pixels, decode_image, decode_or_reason, or_skip_reason
 
-BACKENDS = ("auto", "pil", "torchvision")
+BACKENDS = ("auto", "pil", "torchvision", "hybrid")
+# hybrid: JPEGs at least this many times the resize side (shorter sides) are draft-decoded on
+# the CPU; 2 is the smallest factor at which Pillow's draft decodes fewer pixels (1/2 scale).
+DRAFT_FACTOR = 2
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
@@ -30,9 +41,20 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 def _format(data: bytes, max_pixels: int) -> str:
     """The image's format, from its header alone (the pixel limit checked as the CPU path does)."""
+    return _header(data, max_pixels)[0]
+
+
+def _header(data: bytes, max_pixels: int) -> tuple[str, int]:
+    """(format, shorter side) from the image's header alone, the pixel limit checked."""
     with Image.open(io.BytesIO(data)) as img:
         check_pixels(img, max_pixels)
-        return img.format
+        return img.format, min(img.size)
+
+
+def draft_on_cpu(fmt: str, shorter: int, size: int | None, resize: int | None) -> bool:
+    """The hybrid decoder's rule: a JPEG at least ``DRAFT_FACTOR`` times the model's resize
+    side is decoded by Pillow's draft mode on the CPU, not by nvJPEG at full resolution."""
+    return fmt == "JPEG" and size is not None and shorter >= DRAFT_FACTOR * (resize or size)
 
 
 def _jpegs_on_device(datas: list[bytes], device: torch.device, channels: int) -> list:
@@ -73,28 +95,45 @@ def resize_center_crop(img: torch.Tensor, size: int, resize: int, interpolation:
 
 def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: int,
                  size: int | None, max_pixels: int, resize: int | None = None,
-                 interpolation: str = "bicubic"
+                 interpolation: str = "bicubic", hybrid: bool = False, cpu_decode=None
                  ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str, str]]]:
     """Decode encoded images into one [M, C, H, W] float batch in [0, 1] on ``device``.
 
     Returns the batch (None when nothing decoded), the positions in ``datas`` it holds, in order,
     and ``(position, reason, detail)`` for every image skipped (``corrupt_image``,
-    ``oversized_image``: the CPU path's reasons)."""
+    ``oversized_image``: the CPU path's reasons).
+
+    ``hybrid``: JPEGs that :func:`draft_on_cpu` picks take the CPU path instead of nvJPEG,
+    through ``cpu_decode(datas, args)`` (it starts the decode, e.g. in a process pool, and
+    returns a function giving ``decode_or_reason``'s results in order), so that they decode
+    while nvJPEG decodes the rest; without it they are decoded here, in this thread."""
     device = torch.device(device)
     images: list = [None] * len(datas)
     skipped: list[tuple[int, str, str]] = []
-    jpegs = []
+    jpegs, drafted = [], []
     for i, data in enumerate(datas):
-        fmt, reason = or_skip_reason(_format, data, max_pixels)
+        header, reason = or_skip_reason(_header, data, max_pixels)
         if reason is not None:
             skipped.append((i, *reason))
-        elif fmt == "JPEG":
+        elif hybrid and draft_on_cpu(*header, size, resize):
+            drafted.append(i)
+        elif header[0] == "JPEG":
             jpegs.append(i)
+    args = (max_pixels, channels, size, resize, interpolation)
+    collect = None
+    if drafted:
+        cpu_decode = cpu_decode or _decode_here
+        collect = cpu_decode([datas[i] for i in drafted], args)
     for i, img in zip(jpegs, _jpegs_on_device([datas[i] for i in jpegs], device, channels),
                       strict=True):
         if img is not None and size is not None:
             img = resize_center_crop(img, size, resize or size, interpolation)
         images[i] = img
+    for i, (arr, reason) in zip(drafted, collect() if collect else [], strict=True):
+        if reason is not None:
+            skipped.append((i, *reason))
+        else:
+            images[i] = torch.from_numpy(np.array(arr)).permute(2, 0, 1).to(device)
     done = {i for i, _, _ in skipped}
     for i, data in enumerate(datas):  # not JPEG, or torchvision failed: the CPU path decides
         if images[i] is None and i not in done:
@@ -112,15 +151,24 @@ def decode_batch(datas: list[bytes], device: torch.device | str, *, channels: in
     return batch, kept, sorted(skipped)
 
 
+def _decode_here(datas: list[bytes], args: tuple):
+    results = [decode_or_reason(data, *args) for data in datas]
+    return lambda: results
+
+
 def decode_like_database(data: bytes, max_pixels: int, decoder: str, channels: int,
                          size: int | None, resize: int | None = None,
                          interpolation: str = "bicubic") -> np.ndarray:
     """One query image as HWC uint8, decoded the way the database's images were (the recipe's
-    ``decoder``): Pillow, or torchvision's JPEG decode and resize run here on the CPU. Raises
+    ``decoder``): Pillow, or torchvision's JPEG decode and resize run here on the CPU (hybrid:
+    Pillow for the JPEGs :func:`draft_on_cpu` picks, torchvision for the others). Raises
     what :func:`pipeline.data.shards.decode_image` raises for bad bytes (non-JPEGs and anything
     torchvision cannot decode take that path, as in :func:`decode_batch`)."""
     args = dict(channels=channels, size=size, resize=resize, interpolation=interpolation)
-    if decoder == "torchvision" and data and _format(data, max_pixels) == "JPEG":
+    if decoder in ("torchvision", "hybrid") and data:
+        fmt, shorter = _header(data, max_pixels)
+        if fmt != "JPEG" or (decoder == "hybrid" and draft_on_cpu(fmt, shorter, size, resize)):
+            return decode_image(data, max_pixels, **args)
         [img] = _jpegs_on_device([data], torch.device("cpu"), channels)
         if img is not None:
             if size is not None:
@@ -147,13 +195,13 @@ def load_images_like_database(urls: list[str], decoder: str, *, channels: int, s
         load_images,
     )
 
-    if decoder != "torchvision" and only_keys is None:
+    if decoder not in ("torchvision", "hybrid") and only_keys is None:
         return load_images(urls, channels, size, max_pixels, None, resize, interpolation)
     keys, images, labels = [], [], []
     skipped: Counter = Counter()
     for url in urls:
         stats = ShardStats()
-        if decoder != "torchvision":
+        if decoder not in ("torchvision", "hybrid"):
             for s in iter_samples(url, stats, channels=channels, max_pixels=max_pixels, size=size,
                                   resize=resize, interpolation=interpolation, keys=only_keys):
                 keys.append(s.key)
