@@ -546,9 +546,12 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
                    "$KNN_DEFENSE_SERVE_TOKEN. Required to bind anything but loopback.")
 @click.option("--attack-timeout-s", default=60.0, show_default=True,
               help="The viewer's attack button: time limit of one attack (504 past it).")
+@click.option("--reload-interval-s", default=2.0, show_default=True,
+              help="How often generation.json is polled for a newer database (after `add` or "
+                   "`remove`), swapped in without a restart; 0: only on POST /admin/reload.")
 @_one_line_errors
 def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms, layer, token_file,
-          attack_timeout_s):
+          attack_timeout_s, reload_interval_s):
     """HTTP query service and neighbour viewer: the page at /, POST /classify, /explain and
     /attack, GET /image/{id}, /queries, /query-image/{key}, /healthz, /info."""
     from pipeline.serve.access import resolve_token
@@ -557,7 +560,8 @@ def serve(job_dir, host, port, max_request_mb, max_images, batch_window_ms, laye
     resolve_token(host, token_file)  # refuse an unprotected public bind before loading anything
     run_server(str(_readable_job(job_dir)), host, port, max_request_bytes=max_request_mb << 20,
                max_images_per_request=max_images, batch_window_ms=batch_window_ms, layer=layer,
-               token_file=token_file, attack_timeout_s=attack_timeout_s)
+               token_file=token_file, attack_timeout_s=attack_timeout_s,
+               reload_interval_s=reload_interval_s)
 
 
 @main.command()
@@ -599,13 +603,17 @@ def add(job_dir, shard_urls, address, no_progress, quiet):
     trained index (their own generation file) and stored; cost O(new shards). Then verifies."""
     from pipeline.runtime.living import add_shards
     from pipeline.runtime.verify import verify_folder
+    from pipeline.store.softmax_store import StoreLocked
 
     result = add_shards(job_dir, list(shard_urls), address=address,
                         progress=not no_progress and not quiet)
-    checked = verify_folder(job_dir)
+    try:
+        checked = f"verify ok, {verify_folder(job_dir)['keys']} keys"
+    except StoreLocked:
+        checked = "verify skipped: a running serve holds the store (run `knn-defense verify` later)"
     click.echo(f"add: generation {result['generation']}: {result['shards']} shard(s), "
                f"{result['images']} images (shard indexes {result['shard_indexes'][0]}.."
-               f"{result['shard_indexes'][-1]}); verify ok, {checked['keys']} keys")
+               f"{result['shard_indexes'][-1]}); {checked}")
 
 
 @main.command()
@@ -625,7 +633,9 @@ def remove(job_dir, keys_file):
                f"{report['unknown']} unknown" + (f" (e.g. {', '.join(report['unknown_keys'][:5])})"
                                                  if report["unknown"] else "")
                + (f"; {report['tombstoned_files']} on-disk index file(s) skip them until "
-                  "`knn-defense compact`" if report["tombstoned_files"] else ""))
+                  "`knn-defense compact`" if report["tombstoned_files"] else "")
+               + (f"; the store is held by a running serve: it deletes {report['store_deferred']} "
+                  "of them on its next reload" if report["store_deferred"] else ""))
 
 
 @main.command()

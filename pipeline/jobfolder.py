@@ -123,23 +123,78 @@ def tombstones(layout: JobLayout, layers) -> np.ndarray | None:
     return removed if len(removed) else None
 
 
-def open_store(layout: JobLayout, partitions: int):
-    """The database's softmax store: the base store, and one per added generation."""
+def pending_store_deletions(layout: JobLayout) -> list[tuple]:
+    """Store deletions that removals deferred because another process (a serve) held the
+    partition, not yet applied: (change folder, step, store dir, partition, ids)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    changes = sorted((layout.root / "changes").glob("*-remove"))
+    if not changes:
+        return []
+    partitions = load_spec(layout.root).store.partitions
+    store_of = {s: layout.generation_store(g["generation"])
+                for g in read_generations(layout)["added"] for s in g["shard_indexes"]}
+    pending = []
+    for change in changes:
+        journal = change / "journal.jsonl"
+        applied = set(read_json(change / "applied.json")["steps"]) \
+            if (change / "applied.json").is_file() else set()
+        steps = [json.loads(line) for line in journal.read_text().splitlines()
+                 if line.endswith("}")] if journal.is_file() else []
+        deferred = [e["step"] for e in steps if "deferred" in e and e["step"] not in applied]
+        if not deferred:
+            continue
+        table = pq.read_table(change / "ids.parquet").to_pydict()
+        ids, shards = np.asarray(table["id"], np.int64), table["shard"]
+        homes = [(store_of.get(s, layout.store_dir), s % partitions) for s in shards]
+        for step in deferred:  # "store:<store dir>/part-PPP"
+            rel, _, part = step[len("store:"):].rpartition("/")
+            where = (layout.root / rel, int(part[len("part-"):]))
+            mine = np.asarray([h == where for h in homes], bool)
+            pending.append((change, step, *where, ids[mine] if len(ids) else ids))
+    return pending
+
+
+def record_applied(change, step: str) -> None:
+    """Mark a deferred store deletion applied (by whichever process held the store)."""
+    from pathlib import Path
+
+    from pipeline.layout import write_json
+
+    path = Path(change) / "applied.json"
+    steps = read_json(path)["steps"] if path.is_file() else []
+    write_json(path, {"steps": sorted(set(steps) | {step})})
+
+
+def open_store(layout: JobLayout, partitions: int, current=None):
+    """The database's softmax store: the base store, and one per added generation. With
+    ``current`` (the store this process has open), its open stores are reused and only new
+    generations' are opened (LevelDB allows one opener: a reload cannot open them twice)."""
     from pipeline.store.softmax_store import StoreSet
 
-    base = SoftmaxStore(layout.store_dir, partitions)
+    opened = {}
+    if current is not None:
+        for store in [getattr(current, "base", current)] + [
+                st for st, _ in getattr(current, "generations", [])]:
+            opened[str(store.store_dir)] = store
+    base = opened.get(str(layout.store_dir)) or SoftmaxStore(layout.store_dir, partitions)
     added = read_generations(layout)["added"]
     if not added:
         return base
-    generations = []
+    generations, new = [], []
     try:
         for gen in added:
-            parts = sorted({s % partitions for s in gen["shard_indexes"]})
-            generations.append((SoftmaxStore(layout.generation_store(gen["generation"]), partitions,
-                                             only=parts), gen["shard_indexes"]))
+            path = layout.generation_store(gen["generation"])
+            store = opened.get(str(path))
+            if store is None:
+                parts = sorted({s % partitions for s in gen["shard_indexes"]})
+                store = SoftmaxStore(path, partitions, only=parts)
+                new.append(store)
+            generations.append((store, gen["shard_indexes"]))
     except BaseException:
-        base.close()
-        for store, _ in generations:
+        for store in new + ([] if current is not None else [base]):
             store.close()
         raise
     return StoreSet(base, generations)

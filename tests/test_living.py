@@ -183,3 +183,64 @@ def test_compact_folds_generations_and_tombstones(finished_job, tmp_path):
     assert np.array_equal(after, ids) and np.allclose(after_d, dists)
     assert verify_folder(str(layout.root))["keys"] == 300 + NEW - len(keys) - 1
     assert _cli("compact", layout.root)[1].startswith("compact: generation")
+
+
+def test_add_and_remove_while_serving(finished_job, tmp_path):
+    """serve follows the database's generations: it polls generation.json and swaps the new
+    one in between batches, so requests during the reloads all get a 200 from the old or the
+    new generation; the removal's store deletions, deferred to serve (it holds the store),
+    are applied by it."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from pipeline.jobfolder import pending_store_deletions
+    from pipeline.serve.app import create_app
+
+    spec, layout, (images, _) = _copy(finished_job, tmp_path)
+    shard, new_images = _new_shard(tmp_path / "new")
+    keys = _removal_keys(layout, tmp_path / "keys.txt")
+    table = pq.read_table(layout.features_file(1), columns=["key", "id"]).to_pydict()
+    gone = [i for k, i in zip(table["key"], table["id"], strict=True) if k in keys]
+    defense = DefendedClassifier.from_job(layout.root, layer="conv_4_2")
+    png = encode_image(new_images[3], "png")
+    answers, stop = [], threading.Event()
+
+    def wait_for_generation(client, g):
+        deadline = time.monotonic() + 60
+        while client.get("/info").json()["generation"] != g:
+            assert time.monotonic() < deadline, f"serve never reached generation {g}"
+            time.sleep(0.1)
+
+    with TestClient(create_app(defense, job_dir=layout.root, reload_interval_s=0.2)) as client:
+        def hammer():
+            while not stop.is_set():
+                r = client.post("/classify?neighbours=true", files={"images": ("q.png", png)})
+                answers.append((r.status_code, r.json().get("generation"),
+                                r.json()["results"][0]["neighbours"]["keys"][0]
+                                if r.status_code == 200 else r.text))
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        code, out = _cli("add", layout.root, shard, "--no-progress")
+        assert code == 0 and "verify skipped: a running serve holds the store" in out, out
+        wait_for_generation(client, 1)
+        code, out = _cli("remove", layout.root, "--keys", tmp_path / "keys.txt")
+        assert code == 0 and "it deletes 3 of them on its next reload" in out, out
+        wait_for_generation(client, 2)
+        stop.set()
+        for t in threads:
+            t.join()
+        body = client.post("/classify?neighbours=true", files={"images": ("q.png", png)}).json()
+        assert body["generation"] == 2 and body["results"][0]["neighbours"]["keys"][0] == "new-0003"
+    defense.close()
+    assert answers and all(code == 200 for code, _, _ in answers), answers[:3]
+    # generation 0 could not know the new image; generation 1 and 2 find it first
+    assert {g for _, g, _ in answers} >= {0, 2}
+    assert all(top == "new-0003" for _, g, top in answers if g >= 1)
+    assert pending_store_deletions(layout) == []
+    assert verify_folder(str(layout.root))["keys"] == 300 + NEW - 3
+    with pytest.raises(KeyError):
+        DefendedClassifier.from_job(layout.root).store.get_many(np.asarray(gone[:1]))

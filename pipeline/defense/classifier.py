@@ -62,6 +62,7 @@ class DefendedClassifier:
         # A compact (topk) store keeps each vector's CBW weights, computed from the full vector
         # before truncation; use those instead of recomputing them from the truncated one.
         self.stored_weights = stored_weights
+        self.job_dir, self.generation = None, 0  # the database's folder and version (from_job)
         self.keys_of = None  # id -> key lookup, set by from_job
         self.image_of = None  # id -> encoded image bytes (one ranged read), set by from_job
         # Neighbours come from the local indexes + store, or from a searcher given by the
@@ -97,11 +98,42 @@ class DefendedClassifier:
             if parts.get("store") is not None:
                 parts["store"].close()
             raise
-        from pipeline.jobfolder import ImageLookup, KeyLookup
+        from pipeline.jobfolder import ImageLookup, KeyLookup, read_generations
+        from pipeline.layout import JobLayout
 
+        defense.job_dir = job_dir
+        defense.generation = read_generations(JobLayout(job_dir))["generation"]
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
         defense.image_of = ImageLookup(job_dir, defense.keys_of)
         return defense
+
+    def prepare_reload(self):
+        """The database's newer generation (after `knn-defense add` / `remove`), loaded beside
+        the current one; None when up to date or not searched locally. :meth:`swap` puts it in
+        place, so a caller that swaps between batches never answers from half of a change."""
+        from pipeline.jobfolder import load_layer_index, open_store, read_generations, tombstones
+        from pipeline.layout import JobLayout
+
+        if self.job_dir is None or not isinstance(self.searcher, LocalSearcher):
+            return None
+        layout = JobLayout(self.job_dir)
+        generation = read_generations(layout)["generation"]
+        if generation == self.generation:
+            return None
+        old = self.searcher
+        indexes = {name: load_layer_index(layout, name) for name in self.layers}
+        store = open_store(layout, self.store.num_partitions, current=self.store)
+        searcher = LocalSearcher(indexes, store, old.nprobe, old.stored_weights, old.m, old.p,
+                                 tombstones(layout, self.layers))
+        return generation, searcher
+
+    def swap(self, prepared) -> None:
+        from pipeline.jobfolder import ImageLookup, KeyLookup
+
+        self.generation, self.searcher = prepared
+        self.indexes, self.store = self.searcher.indexes, self.searcher.store
+        self.keys_of = KeyLookup(self.job_dir)  # new shards, removed ids
+        self.image_of = ImageLookup(self.job_dir, self.keys_of)
 
     def image(self, image_id: int) -> bytes:
         """A database image's encoded bytes (e.g. a neighbour's, ``Neighbours.ids``), read with

@@ -41,7 +41,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, is_url
-from pipeline.jobfolder import database_shards, load_spec, read_generations, removed_ids
+from pipeline.jobfolder import (
+    database_shards,
+    load_spec,
+    pending_store_deletions,
+    read_generations,
+    record_applied,
+    removed_ids,
+)
 from pipeline.layout import JobLayout, read_json, write_json
 
 # Test hook: SIGKILL this process right after the journal records this step (a crash at a
@@ -290,9 +297,10 @@ def remove_keys(job_dir, keys_file) -> dict:
     idempotent); returns the report (removed, already removed, unknown keys)."""
     from pipeline.ids import partition_of_shard
     from pipeline.index.faiss_index import has_ondisk_lists, remove_ids_from_file
-    from pipeline.store.softmax_store import delete_ids
+    from pipeline.store.softmax_store import StoreLocked, delete_ids
 
     layout = _local_layout(job_dir)
+    apply_pending_deletions(layout)
     keys = _keys_from_file(keys_file)
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
     folder = _pending(layout, "remove")
@@ -338,10 +346,19 @@ def remove_keys(job_dir, keys_file) -> dict:
     for i, s in zip(id_array.tolist(), shards.tolist(), strict=True):
         store_dir = layout.generation_store(added[s]) if s in added else layout.store_dir
         groups.setdefault((store_dir, partition_of_shard(s, parts)), []).append(i)
+    deferred = 0
+
+    def delete(store_dir, p, members):
+        try:
+            return {"deleted": delete_ids(store_dir, p, np.asarray(members))}
+        except StoreLocked:  # a running serve owns it: it applies these on its next reload
+            return {"deferred": len(members)}
+
     for (store_dir, p), members in sorted(groups.items()):
         rel = str(store_dir.relative_to(layout.root))
-        journal.run(f"store:{rel}/part-{p:03d}",
-                    lambda d=store_dir, p=p, m=members: {"deleted": delete_ids(d, p, np.asarray(m))})
+        info = journal.run(f"store:{rel}/part-{p:03d}",
+                           lambda d=store_dir, p=p, m=members: delete(d, p, m))
+        deferred += info.get("deferred", 0)
 
     def table():
         old = pq.read_table(layout.removed_table) if layout.removed_table.is_file() else None
@@ -370,9 +387,25 @@ def remove_keys(job_dir, keys_file) -> dict:
     journal.run("generation", publish)
     journal.record("finished")
     report = {k: resolved[k] for k in ("keys", "found", "already_removed", "unknown", "unknown_keys")}
-    report.update(generation=generation, tombstoned_files=tombstoned, journal=str(journal.path))
+    report.update(generation=generation, tombstoned_files=tombstoned, journal=str(journal.path),
+                  store_deferred=deferred)
     write_json(folder / "report.json", report)
     return report
+
+
+def apply_pending_deletions(layout: JobLayout) -> int:
+    """Store deletions a removal deferred because a serve held the store, applied now where
+    the store is free (idempotent); returns how many ids were deleted."""
+    from pipeline.store.softmax_store import StoreLocked, delete_ids
+
+    done = 0
+    for change, step, store_dir, p, ids in pending_store_deletions(layout):
+        try:
+            done += delete_ids(store_dir, p, ids)
+        except StoreLocked:
+            continue
+        record_applied(change, step)
+    return done
 
 
 # --- compact ---------------------------------------------------------------------------------
@@ -386,6 +419,10 @@ def compact(job_dir) -> dict:
     from pipeline.store.softmax_store import copy_partition
 
     layout = _local_layout(job_dir)
+    apply_pending_deletions(layout)
+    if pending_store_deletions(layout):
+        raise ConfigError(f"{layout.root}: store deletions of a removal wait for the process "
+                          "that holds the store (a running serve): stop it, then compact")
     spec = load_spec(layout.root)
     gens = read_generations(layout)
     folder = _pending(layout, "compact")

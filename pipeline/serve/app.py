@@ -240,6 +240,7 @@ def _decode_one(data: bytes, i: int, max_pixels: int, decode: dict, decoder: str
 
 
 def create_app(defense, *, job_dir=None, token: str | None = None,
+               reload_interval_s: float = 2.0,
                max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
                max_image_pixels: int = DEFAULT_LIMITS["max_image_pixels"],
                max_images_per_request: int = DEFAULT_LIMITS["max_images_per_request"],
@@ -247,7 +248,9 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
                batch_window_ms: float = DEFAULT_LIMITS["batch_window_ms"],
                max_batch: int = DEFAULT_LIMITS["max_batch"], **viewer_limits) -> FastAPI:
     """ASGI app serving ``defense`` (a :class:`~pipeline.defense.classifier.DefendedClassifier`).
-    ``job_dir``: its job folder, for the viewer's query list and attack database; ``token``:
+    ``job_dir``: its job folder, for the viewer's query list and attack database;
+    ``reload_interval_s``: how often generation.json is polled for a newer database generation
+    (0: never; ``POST /admin/reload`` from loopback reloads at once); ``token``:
     required on every request but /healthz; ``viewer_limits``: overrides of
     ``pipeline.serve.viewer.VIEWER_LIMITS``. ``app.state.batcher`` exposes the micro-batcher."""
     from pipeline.serve.access import TokenCheck
@@ -269,14 +272,45 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
         probs, by_layer = defense.neighbours_all_layers(images, [layer], k=k)
         neighbours = by_layer[layer]
         labels, scores = defense.vote(neighbours, weighting)
-        return probs, labels, scores, neighbours.ids, neighbours.distances
+        # the generation that answered: swaps happen on this thread, between batches
+        generation = np.full(len(images), getattr(defense, "generation", 0))
+        return probs, labels, scores, neighbours.ids, neighbours.distances, generation
 
     batcher = MicroBatcher(run_batch, window_s=batch_window_ms / 1000.0, max_batch=max_batch,
                            executor=executor)
 
+    reload_lock = asyncio.Lock()
+
+    async def reload_generation() -> bool:
+        """Load the database's newer generation beside the current one, then swap it in on
+        the defense's thread between two batches: every request is answered wholly by the old
+        generation or wholly by the new one. Store deletions a removal deferred to this
+        process (it holds the store) are applied after the swap."""
+        async with reload_lock:
+            prepared = await run_in_threadpool(defense.prepare_reload)
+            if prepared is None:
+                return False
+            await asyncio.get_running_loop().run_in_executor(executor, defense.swap, prepared)
+            await run_in_threadpool(_apply_deferred_deletions, defense)
+            return True
+
+    async def watch_generations(interval_s: float):
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await reload_generation()
+            except Exception as exn:  # a half-written change is retried at the next poll
+                print(f"knn-defense serve: reload failed ({type(exn).__name__}: {exn}); "
+                      "still answering from generation", defense.generation, flush=True)
+
     @asynccontextmanager
     async def lifespan(app):
+        watcher = None
+        if reload_interval_s > 0 and getattr(defense, "job_dir", None) is not None:
+            watcher = asyncio.create_task(watch_generations(reload_interval_s))
         yield
+        if watcher is not None:
+            watcher.cancel()
         executor.shutdown(wait=True)
         app.state.attack_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -371,7 +405,9 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
             raise _bad(422, "no images in the request (multipart field or JSON list \"images\")")
 
         images = await run_in_threadpool(decode_all, datas)
-        probs, labels, scores, ids, dists = await batcher.submit((layer, weighting, k), images)
+        probs, labels, scores, ids, dists, generation = await batcher.submit(
+            (layer, weighting, k), images)
+        generation = int(generation[0])
         results = []
         for j in range(len(images)):
             top = np.argsort(-scores[j], kind="stable")[:TOP_CLASSES]
@@ -386,7 +422,8 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
                 if getattr(defense, "keys_of", None) is not None:
                     item["neighbours"]["keys"] = defense.keys_of(ids[j][ok])
             results.append(item)
-        return {"layer": layer, "weighting": weighting, "k": k, "results": results}
+        return {"layer": layer, "weighting": weighting, "k": k, "generation": generation,
+                "results": results}
 
     def index_sizes() -> dict:
         return {name: int(index.ntotal) for name, index in defense.indexes.items()}
@@ -403,7 +440,8 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
 
     @app.get("/info")
     async def info():
-        return {"version": __version__, "layers": list(defense.layers), "layer": defense.layer,
+        return {"version": __version__, "generation": getattr(defense, "generation", 0),
+                "layers": list(defense.layers), "layer": defense.layer,
                 "layer_reason": defense.layer_reason,
                 "k": defense.k, "weighting": defense.weighting, "weightings": list(WEIGHTINGS),
                 "cbw_d": {"m": defense.cbw_d_m, "p": defense.cbw_d_p},
@@ -413,9 +451,29 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
                 "recipe": defense.recipe, "limits": limits,
                 "batching": batcher.stats()}
 
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        """Reload a newer database generation now (loopback clients only)."""
+        from pipeline.serve.access import is_loopback
+
+        if request.client is None or not is_loopback(request.client.host):
+            raise _bad(403, "POST /admin/reload is answered to loopback clients only")
+        reloaded = await reload_generation()
+        return {"generation": getattr(defense, "generation", 0), "reloaded": reloaded}
+
     add_viewer(app, defense, job_dir=job_dir, read_request=read_request,
                check_params=check_params, decode_all=decode_all, executor=executor, limits=limits)
     return app
+
+
+def _apply_deferred_deletions(defense) -> None:
+    """Removals that found the store held by this process left their deletions to it."""
+    from pipeline.jobfolder import pending_store_deletions, record_applied
+    from pipeline.layout import JobLayout
+
+    for change, step, _, _, ids in pending_store_deletions(JobLayout(defense.job_dir)):
+        defense.store.delete_many(ids)
+        record_applied(change, step)
 
 
 def serve(job_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,

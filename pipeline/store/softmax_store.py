@@ -281,6 +281,20 @@ class SoftmaxStore:
             result += (np.asarray(weights, np.float64).reshape(-1, 2)[inverse].reshape(*shape, 2),)
         return result
 
+    def delete_many(self, ids: np.ndarray) -> int:
+        """Delete ids through this process's open partitions (the owner of a served store
+        applies removals itself); absent ids are no-ops. Returns how many were there."""
+        ids = np.asarray(ids, np.int64)
+        present = 0
+        for p, db in self._dbs.items():
+            mine = ids[partition(ids, self.num_partitions) == p]
+            with db.write_batch(sync=True) as wb:
+                for i in mine.tolist():
+                    if db.get(id_key(i)) is not None:
+                        present += 1
+                        wb.delete(id_key(i))
+        return present
+
     def iter_ids(self):
         for db in self._dbs.values():
             for key in db.iterator(include_value=False):
@@ -343,7 +357,15 @@ def copy_partition(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     """Copy every entry of one partition into the same partition of another store (puts are
     idempotent, so a repeat after a crash writes the same values); returns the count."""
     src = plyvel.DB(str(partition_dir(src_dir, partition_index)), create_if_missing=False)
-    dst = plyvel.DB(str(partition_dir(dst_dir, partition_index)), create_if_missing=False)
+    try:
+        dst = plyvel.DB(str(partition_dir(dst_dir, partition_index)), create_if_missing=False)
+    except plyvel.IOError as err:
+        src.close()
+        if "lock" in str(err).lower():
+            raise StoreLocked(f"{partition_dir(dst_dir, partition_index)}: held by another "
+                              "process (a running `knn-defense serve`?): compact while nothing "
+                              "serves the job") from None
+        raise
     try:
         count = 0
         with dst.write_batch(sync=True) as wb:
@@ -385,6 +407,9 @@ class StoreSet:
         # each id's values come from its one owner; the others gave zeros and found=False
         return tuple(np.logical_or.reduce([q[j] for q in parts]) if j == 1 else sum(q[j] for q in parts)
                      for j in range(len(parts[0])))
+
+    def delete_many(self, ids: np.ndarray) -> int:
+        return sum(store.delete_many(ids) for store in [self.base] + [s for s, _ in self.generations])
 
     def close(self) -> None:
         self.base.close()
