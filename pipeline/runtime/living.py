@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, is_url
@@ -266,11 +267,12 @@ def _resolve(layout: JobLayout, keys: list[str]) -> tuple[pa.Table, list[str]]:
     """(id, key, shard) of the listed keys found in the database's feature files, one file at a
     time (memory: one shard's keys + the list), and the keys not found."""
     wanted = set(keys)
+    value_set = pa.array(list(wanted), pa.string())
     found = {"id": [], "key": [], "shard": []}
     for shard in database_shards(layout):
         path = layout.features_file(shard["shard_index"])
         table = pq.read_table(path, columns=["key", "id"])
-        mask = pa.compute.is_in(table.column("key"), pa.array(list(wanted), pa.string()))
+        mask = pc.is_in(table.column("key"), value_set)
         hits = table.filter(mask)
         found["id"] += hits.column("id").to_pylist()
         found["key"] += hits.column("key").to_pylist()
@@ -280,15 +282,15 @@ def _resolve(layout: JobLayout, keys: list[str]) -> tuple[pa.Table, list[str]]:
                      "shard": pa.array(found["shard"], pa.int64())}), unknown
 
 
-def index_files(layout: JobLayout, layer: str) -> list[Path]:
-    """Every index file of a layer that holds database ids: the merged index or its shards,
-    the added generations' files, and the populate parts kept beside them."""
+def index_files(layout: JobLayout, layer: str, shards) -> list[Path]:
+    """The index files of a layer that may hold ids of ``shards``: the merged index or its
+    shards, the added generations' files, and those shards' populate parts."""
     info = read_json(layout.index_info(layer))
     base = ([layout.merged_index(layer)] if info.get("layout", "merged") == "merged" else
             [layout.index_shard(layer, p) for p in range(info["shards"])])
     gens = [layout.generation_index(layer, g["generation"])
             for g in read_generations(layout)["added"]]
-    parts = sorted((layout.index_dir(layer) / "parts").glob("*.faiss"))
+    parts = [layout.index_part(layer, s) for s in sorted(set(shards))]
     return [p for p in base + gens + parts if p.is_file()]
 
 
@@ -330,9 +332,10 @@ def remove_keys(job_dir, keys_file) -> dict:
     resolved = journal.run("resolve", resolve)
     ids = pq.read_table(folder / "ids.parquet")
     id_array = ids.column("id").to_numpy().astype(np.int64)
+    shards = ids.column("shard").to_numpy()
     tombstoned = 0
     for layer in spec.features.layers:
-        for path in index_files(layout, layer):
+        for path in index_files(layout, layer, shards.tolist()):
             rel = str(path.relative_to(layout.root))
             if has_ondisk_lists(path):  # read-only lists: tombstones until compact
                 journal.run(f"index:{rel}", lambda: {"tombstones": int(len(id_array))})
@@ -340,7 +343,6 @@ def remove_keys(job_dir, keys_file) -> dict:
             else:
                 journal.run(f"index:{rel}", lambda p=path: {"removed": remove_ids_from_file(p, id_array)})
     added = {s: g["generation"] for g in read_generations(layout)["added"] for s in g["shard_indexes"]}
-    shards = ids.column("shard").to_numpy()
     parts = spec.store.partitions
     groups: dict[tuple[Path, int], list[int]] = {}
     for i, s in zip(id_array.tolist(), shards.tolist(), strict=True):
