@@ -162,7 +162,7 @@ def test_compact_folds_generations_and_tombstones(finished_job, tmp_path):
     spec, layout, (images, _) = _copy(finished_job, tmp_path)
     # on-disk lists: read-only, so a removal leaves tombstones that searches must skip
     ondisk = spec.model_copy(update={"index": spec.index.model_copy(update={"merge": "ondisk"})})
-    run_job(ondisk, progress=False)
+    run_job(ondisk, until="index", progress=False)
     shard, new_images = _new_shard(tmp_path / "new")
     assert _cli("add", layout.root, shard, "--no-progress")[0] == 0
     keys = _removal_keys(layout, tmp_path / "keys.txt", extra=["new-0001"])

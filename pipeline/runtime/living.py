@@ -143,7 +143,42 @@ def _job_run(layout: JobLayout, address: str | None, progress: bool):
             manifest.close()
 
 
+def _start_or_resume(layout: JobLayout, kind: str, same, describe, new_plan) -> tuple[Path, dict]:
+    """The change folder and plan of an unfinished ``kind`` change (it must be ``same`` as the
+    one asked for: one change at a time), or of a new one numbered as the next generation."""
+    folder = _pending(layout, kind)
+    if folder is not None:
+        plan = read_json(folder / "plan.json")
+        if not same(plan):
+            raise ConfigError(f"{folder}: an unfinished {kind} of {describe(plan)}: run that "
+                              "again to finish it first")
+        return folder, plan
+    generation = read_generations(layout)["generation"] + 1
+    folder = layout.change_dir(kind, generation)
+    plan = {"generation": generation, **new_plan()}
+    write_json(folder / "plan.json", plan)
+    return folder, plan
+
+
 # --- add -------------------------------------------------------------------------------------
+
+
+def _add_plan(layout: JobLayout, urls: list[str]) -> dict:
+    """New shard indexes for ``urls``; refuses a shard already in the database, naming it."""
+    from pipeline.ids import MAX_SHARDS
+
+    known = {s["url"]: s for s in database_shards(layout)}
+    for u in urls:
+        if u in known:
+            raise ConfigError(f"add: {u} is already in the database (shard "
+                              f"{known[u]['shard_index']}, generation {known[u]['generation']}); "
+                              "a shard is added once")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("add: a shard is listed twice")
+    first = max(s["shard_index"] for s in known.values()) + 1
+    if first + len(urls) > MAX_SHARDS:
+        raise ConfigError(f"add: {first + len(urls)} shards exceed the id scheme's {MAX_SHARDS}")
+    return {"urls": urls, "shard_indexes": list(range(first, first + len(urls)))}
 
 
 def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
@@ -152,7 +187,6 @@ def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
     record. Refuses a shard already in the database, naming it."""
     from pipeline.data.shards import expand_shards
     from pipeline.fingerprints import fingerprint
-    from pipeline.ids import MAX_SHARDS
     from pipeline.index.faiss_index import merge_parts
     from pipeline.runtime import tasks
     from pipeline.runtime.ray_runner import Unit
@@ -162,30 +196,10 @@ def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
     urls = expand_shards(list(shard_urls), missing)
     if missing or not urls:
         raise ConfigError(f"add: {', '.join(missing) or ' '.join(shard_urls)}: no such shard")
-    folder = _pending(layout, "add")
-    gens = read_generations(layout)
-    if folder is not None:
-        plan = read_json(folder / "plan.json")
-        if plan["urls"] != urls:
-            raise ConfigError(f"{folder}: an unfinished add of {plan['urls'][0]} ... "
-                              f"({len(plan['urls'])} shards): run it again with those shards")
-    else:
-        known = {s["url"]: s for s in database_shards(layout)}
-        for u in urls:
-            if u in known:
-                raise ConfigError(f"add: {u} is already in the database (shard "
-                                  f"{known[u]['shard_index']}, generation {known[u]['generation']}); "
-                                  "a shard is added once")
-        if len(set(urls)) != len(urls):
-            raise ConfigError("add: a shard is listed twice")
-        first = max(known[u]["shard_index"] for u in known) + 1
-        if first + len(urls) > MAX_SHARDS:
-            raise ConfigError(f"add: {first + len(urls)} shards exceed the id scheme's {MAX_SHARDS}")
-        generation = gens["generation"] + 1
-        folder = layout.change_dir("add", generation)
-        plan = {"urls": urls, "generation": generation,
-                "shard_indexes": list(range(first, first + len(urls)))}
-        write_json(folder / "plan.json", plan)
+    folder, plan = _start_or_resume(
+        layout, "add", lambda plan: plan["urls"] == urls,
+        lambda plan: f"{plan['urls'][0]} ... ({len(plan['urls'])} shards)",
+        lambda: _add_plan(layout, urls))
     generation = plan["generation"]
     journal = Journal(folder)
     rows = [{"shard_index": i, "url": u} for i, u in zip(plan["shard_indexes"], urls, strict=True)]
@@ -305,17 +319,10 @@ def remove_keys(job_dir, keys_file) -> dict:
     apply_pending_deletions(layout)
     keys = _keys_from_file(keys_file)
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-    folder = _pending(layout, "remove")
-    if folder is not None:
-        plan = read_json(folder / "plan.json")
-        if plan["keys_sha256"] != digest:
-            raise ConfigError(f"{folder}: an unfinished removal of another key list "
-                              f"({plan['keys_file']}): run it again with that list first")
-    else:
-        generation = read_generations(layout)["generation"] + 1
-        folder = layout.change_dir("remove", generation)
-        plan = {"keys_file": str(keys_file), "keys_sha256": digest, "generation": generation}
-        write_json(folder / "plan.json", plan)
+    folder, plan = _start_or_resume(
+        layout, "remove", lambda plan: plan["keys_sha256"] == digest,
+        lambda plan: f"another key list ({plan['keys_file']})",
+        lambda: {"keys_file": str(keys_file), "keys_sha256": digest})
     journal = Journal(folder)
     spec = load_spec(layout.root)
     generation = plan["generation"]
@@ -427,14 +434,11 @@ def compact(job_dir) -> dict:
                           "that holds the store (a running serve): stop it, then compact")
     spec = load_spec(layout.root)
     gens = read_generations(layout)
-    folder = _pending(layout, "compact")
-    if folder is None:
-        if not gens["added"] and tombstones_needed(layout, spec.features.layers) is False:
-            return {"generation": gens["generation"], "folded": 0, "rewritten": 0}
-        folder = layout.change_dir("compact", gens["generation"] + 1)
-        write_json(folder / "plan.json", {"generation": gens["generation"] + 1,
-                                          "added": [g["generation"] for g in gens["added"]]})
-    plan = read_json(folder / "plan.json")
+    if _pending(layout, "compact") is None and not gens["added"] \
+            and not tombstones_needed(layout, spec.features.layers):
+        return {"generation": gens["generation"], "folded": 0, "rewritten": 0}  # nothing to fold
+    folder, plan = _start_or_resume(layout, "compact", lambda plan: True, str,
+                                    lambda: {"added": [g["generation"] for g in gens["added"]]})
     journal = Journal(folder)
     generation = plan["generation"]
     added = [g for g in gens["added"] if g["generation"] in plan["added"]]
