@@ -205,6 +205,7 @@ def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
     rows = [{"shard_index": i, "url": u} for i, u in zip(plan["shard_indexes"], urls, strict=True)]
     tag = f"add.{generation:03d}"
     with _job_run(layout, address, progress) as run:
+        journal.run("session", dict)  # Ray up, the job's state restored (timing only)
         layers = run.spec.features.layers
         fp = fingerprint(run.state["features_fp"], generation)
 
