@@ -527,6 +527,65 @@ def classify(job_dir, images, layer, weighting, k, show_neighbours):
 
 
 @main.command()
+@click.argument("job_dir", type=click.Path(file_okay=False))
+@click.option("--queries", "queries", required=True,
+              help="The evaluation images: shard URLs (folder, glob, {00000..00009}, s3://...).")
+@click.option("--layer", default=None,
+              help="Feature layer. Default: calibrated (the best recall at its threshold).")
+@click.option("--threshold", type=float, default=None,
+              help="Distance below which a pair is a near-duplicate (needs --layer). Default: "
+                   "calibrated (the largest with precision >= 0.99 on the calibration pairs).")
+@click.option("-k", "--k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Database neighbours examined per query.")
+@click.option("--calibration", "calibration", type=click.IntRange(min=1), default=500,
+              show_default=True, help="Query images sampled for calibration.")
+@click.option("--seed", default=0, show_default=True)
+@_one_line_errors
+def decontaminate(job_dir, queries, layer, threshold, k, calibration, seed):
+    """Find database images that are duplicates or near-duplicates of the images of --queries,
+    with the job's own index: writes JOB_DIR/eval/decontaminate/duplicates.parquet and
+    report.json (layer, threshold, calibration precision and recall)."""
+    from pipeline.data.shards import expand_shards
+    from pipeline.evaluate.decontaminate import decontaminate as run_decontaminate
+    from pipeline.evaluate.decontaminate import output_dir
+
+    urls = expand_shards(queries)
+    if not urls:
+        raise ConfigError(f"--queries {queries!r} matches no .tar shard")
+    try:
+        report = run_decontaminate(job_dir, urls, layer=layer, threshold=threshold, k=k,
+                                   calibration_images=calibration, seed=seed,
+                                   log=functools.partial(click.echo, err=True))
+    except ValueError as err:  # e.g. a layer the job does not have
+        raise ConfigError(str(err).splitlines()[0]) from None
+    cal, how = report["calibration"], report["how_chosen"]
+
+    def rate(r):
+        if r["value"] is None:
+            return "n/a (no pairs)"
+        return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+    click.echo(f"layer {report['layer']} ({how['layer']})")
+    click.echo(f"threshold {report['threshold']:.6g} {report['metric']} ({how['threshold']})")
+    click.echo(f"calibration: {cal['images']} images, {cal['positives']} augmented pairs, "
+               f"{cal['negatives']} nearest-image pairs ({cal['negatives_set_aside']} set aside "
+               "as likely true duplicates)")
+    click.echo(f"  precision {rate(cal['precision'])}  recall {rate(cal['recall'])}  "
+               f"false positives {rate(cal['false_positive_rate'])}")
+    for kind, r in cal["per_augmentation"].items():
+        click.echo(f"  {kind:<7} recall {rate(r['recall'])}  precision {rate(r['precision'])}")
+    click.echo(f"{report['queries_scanned']:,} queries scanned: "
+               f"{report['queries_with_duplicate']:,} with a near-duplicate, "
+               f"{report['database_images_found']:,} database images found "
+               f"({report['pairs']:,} pairs, {report['seconds']:.0f} s)")
+    expected = report["expected_false_queries"]
+    if expected[0] is not None:
+        click.echo(f"  of which look-alikes rather than copies, by the calibration: about "
+                   f"{expected[0]:,} [{expected[1]:,}, {expected[2]:,}]")
+    click.echo(f"written: {output_dir(job_dir)}/{{duplicates.parquet,report.json}}")
+
+
+@main.command()
 @click.option("--job", "job_dir", required=True, help="A finished job folder (path or URL).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Bind address (loopback by default; put a proxy in front for remote clients).")

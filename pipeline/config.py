@@ -372,6 +372,11 @@ class EvaluateSpec(_Strict):
     surrogate: SurrogateSpec | None = None  # needed by black_box attacks
     attack_database: AttackDatabaseSpec = AttackDatabaseSpec()  # used by white_box attacks
     threads: Annotated[int, Field(gt=0)] | None = None  # torch threads; None = the task's CPUs
+    # Queries with a near-duplicate in the database (`knn-defense decontaminate` writes the list,
+    # eval/decontaminate/duplicates.parquet): `exclude` drops them from the query split before
+    # the sample is drawn; `remove` takes their database images out before the evaluate stage
+    # (the runner's step); `off` ignores the list.
+    decontaminate: Literal["remove", "exclude", "off"] = "off"
 
     @model_validator(mode="after")
     def _needs(self):

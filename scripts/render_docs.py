@@ -562,6 +562,49 @@ RENDERERS.update({"demo": demo, "fm-headline": fm_headline, "store-agreement": s
                   "index-build": index_build, "index-build-recall": index_build_recall,
                   "imagenet-budgets": imagenet_budgets})
 
+# -- decontamination (knn-defense decontaminate on the demo job: benchmarks/results/
+#    decontaminate_fashion_mnist.json) --
+
+DECON = "decontaminate_fashion_mnist.json"
+
+
+def _dc_rate(r: dict) -> str:
+    return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def decontaminate_fm() -> str:
+    cal = _load(DECON)["calibration"]
+    rows = ["| augmented copy | recall | precision (vs each image's nearest distinct one) |",
+            "|---|---:|---:|"]
+    for kind, r in cal["per_augmentation"].items():
+        rows.append(f"| {kind} | {_dc_rate(r['recall'])} | {_dc_rate(r['precision'])} |")
+    rows.append(f"| **all** | {_dc_rate(cal['recall'])} | {_dc_rate(cal['precision'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def _dc_expected() -> str:
+    mid, lo, hi = _load(DECON)["expected_false_queries"]
+    return f"{mid} ({lo}–{hi})"
+
+
+RENDERERS["decontaminate-fm"] = decontaminate_fm
+NUMBERS.update({
+    "dc.queries": _n(DECON, "queries_scanned", "{:,}"),
+    "dc.flagged": _n(DECON, "queries_with_duplicate", "{:,}"),
+    "dc.db-found": _n(DECON, "database_images_found", "{:,}"),
+    "dc.pairs": _n(DECON, "pairs", "{:,}"),
+    "dc.layer": _n(DECON, "layer"),
+    "dc.threshold": _n(DECON, "threshold", "{:.3f}"),
+    "dc.seconds": _n(DECON, "seconds", "{:.0f}"),
+    "dc.cal-images": _n(DECON, "calibration.images", "{:,}"),
+    "dc.precision": lambda: _dc_rate(_load(DECON)["calibration"]["precision"]),
+    "dc.recall": lambda: _dc_rate(_load(DECON)["calibration"]["recall"]),
+    "dc.nearest-fpr-pct": _n(DECON, "calibration.nearest_false_positive_rate.value", "{:.1f}", 100),
+    "dc.expected-false": _dc_expected,
+    "dc.pixel-5": _n(DECON, "pixel_check.queries_below_5"),
+    "dc.pixel-2": _n(DECON, "pixel_check.queries_below_2"),
+})
+
 
 def _number(m: re.Match) -> str:
     name = m.group("name")

@@ -273,14 +273,20 @@ class QuerySplit:
 
 
 def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int,
-                 decoder: str = "pil"):
+                 decoder: str = "pil", exclude: set[str] | None = None):
     """(the fixed-seed query sample: keys, images uint8, labels, skip counts; the rest of the
     split as a :class:`QuerySplit` and the positions outside the sample). Only the sample is
     decoded (by ``decoder``, the database recipe's), from the shards holding it: the split is
     listed without decoding, ``num_queries`` positions drawn from it (the same positions as
     when the whole split was decoded, unless an image fails to decode; then another draw
-    replaces it)."""
+    replaces it). ``exclude``: query keys taken out of the split before the draw (those with a
+    near-duplicate in the database); the sample's ``excluded`` counts them."""
     keys, where, skipped = _list_samples(query_urls)
+    excluded = 0
+    if exclude:
+        kept = [i for i, key in enumerate(keys) if key not in exclude]
+        excluded = len(keys) - len(kept)
+        keys, where = [keys[i] for i in kept], [where[i] for i in kept]
     if not keys:
         from pipeline.data.shards import NoDecodableImage
 
@@ -293,8 +299,8 @@ def load_queries(query_urls: list[str], model, ev: EvaluateSpec, max_pixels: int
     for reason, count in skips.items():
         skipped[reason] = skipped.get(reason, 0) + count
     rest = np.setdiff1d(np.arange(len(keys)), chosen)
-    return ({"keys": chosen_keys, "images": images, "labels": labels, "skipped": skipped},
-            {"split": split, "positions": rest})
+    return ({"keys": chosen_keys, "images": images, "labels": labels, "skipped": skipped,
+             "excluded": excluded}, {"split": split, "positions": rest})
 
 
 def _database_counts(layout, job) -> tuple[list, np.ndarray, str]:
@@ -504,6 +510,30 @@ def _threads(ev: EvaluateSpec, default: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _decontamination(job_dir, ev: EvaluateSpec) -> tuple[dict | None, set[str] | None]:
+    """(what the report says about decontamination, the query keys to exclude). ``exclude``
+    reads eval/decontaminate/duplicates.parquet (written by ``knn-defense decontaminate``) and
+    refuses without it. ``remove`` is treated like ``off`` here: the runner removes the
+    duplicates from the database before the evaluate stage, so the database evaluate reads has
+    none left to exclude; evaluate never removes anything itself."""
+    if ev.decontaminate != "exclude":
+        return ({"mode": ev.decontaminate} if ev.decontaminate != "off" else None), None
+    from pipeline.evaluate.decontaminate import read_duplicates
+
+    found = read_duplicates(job_dir, ev.decontaminate)
+    return ({"mode": "exclude", "duplicates_found": found["database_images"],
+             "queries_with_duplicate": len(found["query_keys"])}, found["query_keys"])
+
+
+def _decontamination_note(info: dict | None) -> str | None:
+    if info is None or info["mode"] != "exclude":
+        return None
+    return (f"Decontamination (exclude): {info['queries_excluded']:,} query image(s) excluded "
+            f"from the split before the sample was drawn; "
+            f"{info['duplicates_found']:,} database image(s) found as near-duplicates of "
+            f"{info['queries_with_duplicate']:,} query image(s) (eval/decontaminate/).")
+
+
 def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  ev: EvaluateSpec | None = None, extra_databases: list[tuple[str, str]] = (),
                  include_job_database: bool = True, num_threads: int | None = None,
@@ -526,9 +556,10 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         open_database(label, path) for label, path in extra_databases]
     try:
         layers = list(job.features.layers)
+        decontamination, exclude = _decontamination(job_dir, ev)
         queries, rest = load_queries(expand_shards(job.data.queries), primary.defense.model, ev,
                                      job.data.max_image_pixels,
-                                     decoder=primary.defense.decoder)
+                                     decoder=primary.defense.decoder, exclude=exclude)
         defense = primary.defense
         ctx = AttackContext(
             defense.model, ev.seed,
@@ -547,8 +578,12 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         for db in {id(d): d for d in [primary, *databases]}.values():
             db.defense.close()
     result["query_skipped"] = queries["skipped"]
+    if decontamination is not None:
+        decontamination["queries_excluded"] = queries["excluded"]
+    result["decontamination"] = decontamination
     result.update(write_report(out_dir, result["rows"], result["attacks"], ev,
-                               title=title or job.name))
+                               title=title or job.name,
+                               note=_decontamination_note(decontamination)))
     if include_job_database and out_dir == JobLayout(job_dir).eval_dir:
         # the query side's default layer (serve, classify), from this evaluation
         from pipeline.defense.classifier import DEFAULT_WEIGHTING

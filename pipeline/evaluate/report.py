@@ -178,8 +178,9 @@ def write_csv(path: Path, data: list[dict]) -> None:
 
 
 def write_report(out_dir: str | os.PathLike, rows: list[dict], attacks: list[dict], ev,
-                 title: str = "evaluation") -> dict:
-    """results.csv (every cell), attacks.csv (every set), results.md (tables) and plots."""
+                 title: str = "evaluation", note: str | None = None) -> dict:
+    """results.csv (every cell), attacks.csv (every set), results.md (tables) and plots.
+    ``note``: a paragraph under the title (e.g. how many queries decontamination excluded)."""
     from pipeline.evaluate.claims import claims_report
 
     out = Path(out_dir)
@@ -188,6 +189,9 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict], attacks: list[dic
     if attacks:
         write_csv(out / "attacks.csv", attacks)
     md = markdown_report(rows, attacks, ev, title)
+    if note:
+        head, _, rest = md.partition("\n\n")
+        md = f"{head}\n\n{note}\n\n{rest}"
     claims = claims_report(rows, ev, headline_budget(ev, rows))
     if claims["markdown"]:
         md += "\n" + claims["markdown"]

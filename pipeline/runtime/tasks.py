@@ -272,4 +272,4 @@ def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool =
 
     result = evaluate_job(job_dir, num_threads=num_threads, progress=progress)
     return {k: result[k] for k in ("num_queries", "query_skipped", "markdown", "sets_crafted",
-                                   "cells_evaluated", "attacks", "claims")}
+                                   "cells_evaluated", "attacks", "claims", "decontamination")}
