@@ -101,6 +101,13 @@ def database_shards(layout: JobLayout) -> list[dict]:
     return rows
 
 
+def database_size(layout: JobLayout, built: int) -> int:
+    """Images the database holds now: the ``built`` ones, plus added, less removed."""
+    gens = read_generations(layout)
+    added = sum(g["images"] for g in gens["added"] + gens.get("compacted", []))
+    return built + added - sum(r["removed"] for r in gens["removals"])
+
+
 def removed_ids(layout: JobLayout, shard_index: int | None = None) -> np.ndarray:
     """Ids removed from the database (all, or one shard's), sorted."""
     import pyarrow.parquet as pq

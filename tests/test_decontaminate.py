@@ -172,8 +172,38 @@ def test_exclude_without_the_list_refuses_naming_the_command(planted_job, tmp_pa
     ev = planted_job[0].evaluate.model_copy(update={"decontaminate": "exclude"})
     with pytest.raises(NotDecontaminated, match="run `knn-defense decontaminate"):
         _decontamination(tmp_path, ev)
-    # remove: the runner's step; evaluate reads the database as it is
-    assert _decontamination(tmp_path, ev.model_copy(update={"decontaminate": "remove"}))[1] is None
+    # remove: the runner removed them before the stage; evaluate still reads the list to say so
+    with pytest.raises(NotDecontaminated):
+        _decontamination(tmp_path, ev.model_copy(update={"decontaminate": "remove"}))
+
+
+def test_remove_takes_the_duplicates_out_before_the_evaluate_stage(planted_job, decontaminated,
+                                                                    tmp_path):
+    """evaluate.decontaminate: remove: the runner removes the listed database images (a
+    journaled `knn-defense remove`) once per list, then evaluates; the report says so."""
+    import shutil
+
+    from pipeline.jobfolder import read_generations, removed_ids
+    from pipeline.layout import JobLayout
+    from pipeline.runtime.job import run_job
+    from pipeline.runtime.verify import verify_folder
+
+    spec, root, q_keys, planted_db_keys = planted_job
+    job = tmp_path / "job"
+    shutil.copytree(spec.output_dir, job)
+    table = pq.read_table(duplicates_path(job)).to_pylist()
+    ev = spec.evaluate.model_copy(update={"decontaminate": "remove"})
+    removing = spec.model_copy(update={"output_dir": str(job), "evaluate": ev})
+    summary = run_job(removing, progress=False)
+    layout = JobLayout(job)
+    assert set(removed_ids(layout).tolist()) == {r["db_id"] for r in table}
+    assert read_generations(layout)["generation"] == 1
+    assert "removed from the database before this evaluation" in (job / "eval" / "results.md").read_text()
+    verify_folder(str(job))
+    # once per list: a second run removes nothing and evaluates nothing again
+    again = run_job(removing, progress=False)
+    assert read_generations(layout)["generation"] == 1
+    assert again["stages"]["evaluate"]["done"] == 0 and summary["stages"]["evaluate"]["done"] == 1
 
 
 def test_spec_takes_remove_exclude_off_and_refuses_other_values():

@@ -172,14 +172,17 @@ class Database:
 
 def open_database(label: str, job_dir: str, **overrides) -> Database:
     from pipeline.defense.classifier import DefendedClassifier
+    from pipeline.jobfolder import database_size
     from pipeline.layout import JobLayout, read_json
 
     defense = DefendedClassifier.from_job(job_dir, **overrides)
     layout = JobLayout(job_dir)
     store = read_json(layout.store_info)
     infos = [read_json(layout.index_info(layer)) for layer in defense.layers]
-    fp = _hash(store, infos, str(Path(job_dir).resolve()))
-    return Database(label, int(store["count"]), defense, fp, job_dir)
+    # a changed database (knn-defense add / remove: pipeline/runtime/living.py) is another one
+    changed = [defense.generation] if defense.generation else []
+    fp = _hash(store, infos, str(Path(job_dir).resolve()), *changed)
+    return Database(label, database_size(layout, int(store["count"])), defense, fp, job_dir)
 
 
 def _hash(*parts) -> str:
@@ -513,25 +516,29 @@ def _threads(ev: EvaluateSpec, default: int | None) -> None:
 def _decontamination(job_dir, ev: EvaluateSpec) -> tuple[dict | None, set[str] | None]:
     """(what the report says about decontamination, the query keys to exclude). ``exclude``
     reads eval/decontaminate/duplicates.parquet (written by ``knn-defense decontaminate``) and
-    refuses without it. ``remove`` is treated like ``off`` here: the runner removes the
-    duplicates from the database before the evaluate stage, so the database evaluate reads has
-    none left to exclude; evaluate never removes anything itself."""
-    if ev.decontaminate != "exclude":
-        return ({"mode": ev.decontaminate} if ev.decontaminate != "off" else None), None
+    refuses without it. ``remove``: the runner removed the duplicates from the database before
+    the evaluate stage (pipeline/runtime/job.py), so nothing is excluded here; evaluate only
+    reads the list, to say how many were found. It never removes anything itself."""
+    if ev.decontaminate == "off":
+        return None, None
     from pipeline.evaluate.decontaminate import read_duplicates
 
     found = read_duplicates(job_dir, ev.decontaminate)
-    return ({"mode": "exclude", "duplicates_found": found["database_images"],
-             "queries_with_duplicate": len(found["query_keys"])}, found["query_keys"])
+    info = {"mode": ev.decontaminate, "duplicates_found": found["database_images"],
+            "queries_with_duplicate": len(found["query_keys"])}
+    return info, (found["query_keys"] if ev.decontaminate == "exclude" else None)
 
 
 def _decontamination_note(info: dict | None) -> str | None:
-    if info is None or info["mode"] != "exclude":
+    if info is None:
         return None
+    found = (f"{info['duplicates_found']:,} database image(s) found as near-duplicates of "
+             f"{info['queries_with_duplicate']:,} query image(s) (eval/decontaminate/)")
+    if info["mode"] == "remove":
+        return (f"Decontamination (remove): {found}, removed from the database before this "
+                "evaluation (`knn-defense remove`; generation.json).")
     return (f"Decontamination (exclude): {info['queries_excluded']:,} query image(s) excluded "
-            f"from the split before the sample was drawn; "
-            f"{info['duplicates_found']:,} database image(s) found as near-duplicates of "
-            f"{info['queries_with_duplicate']:,} query image(s) (eval/decontaminate/).")
+            f"from the split before the sample was drawn; {found}.")
 
 
 def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,

@@ -566,12 +566,42 @@ def stage_verify(run: JobRun) -> None:
 
 def stage_evaluate(run: JobRun) -> None:
     spec = run.spec
+    duplicates = None
+    if spec.evaluate.decontaminate != "off":
+        duplicates = decontaminate_before_evaluate(run)
     fp = fingerprint(run.state["features_fp"], run.state.get("store_fp"), spec.index.model_dump(),
-                     spec.evaluate.model_dump(), expand_shards(spec.data.queries))
+                     spec.evaluate.model_dump(), expand_shards(spec.data.queries), duplicates)
     result = run.single("evaluate", tasks.evaluate_task, fp, str(run.layout.root),
                         run.threads(run.resources("evaluate", big=True)), run.progress)
     results_md = run.layout.eval_dir / "results.md"
     run.state["eval_markdown"] = result["markdown"] if result else results_md.read_text()
+
+
+def decontaminate_before_evaluate(run: JobRun) -> str:
+    """``evaluate.decontaminate``: the duplicates list (``knn-defense decontaminate``) must
+    exist; with ``remove`` its database images are removed (pipeline/runtime/living.py) before
+    the evaluate stage, once per list. Returns the list's hash (the evaluation depends on it)."""
+    from pipeline.evaluate.decontaminate import duplicates_path
+
+    layout = run.layout
+    path = duplicates_path(layout.root)
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (evaluate.decontaminate: "
+                          f"{run.spec.evaluate.decontaminate}): run `knn-defense decontaminate "
+                          f"{layout.root} --queries SHARDS`, then run the job again")
+    digest = file_sha256(path)
+    if run.spec.evaluate.decontaminate == "remove":
+        from pipeline.runtime.living import remove_keys
+
+        marker = path.with_name("removed.json")
+        if not marker.is_file() or read_json(marker).get("duplicates_sha256") != digest:
+            keys = sorted(set(pq.read_table(path, columns=["db_key"]).column("db_key").to_pylist()))
+            keys_file = path.with_name("remove-keys.txt")
+            keys_file.write_text("".join(f"{k}\n" for k in keys))
+            report = remove_keys(layout.root, keys_file, require_finished=False)
+            write_json(marker, {"duplicates_sha256": digest, "report": report})
+        run.state["decontaminate"] = read_json(marker)["report"]
+    return digest
 
 
 STAGE_FUNCS = {name: globals()[f"stage_{name}"] for name in STAGES}

@@ -94,11 +94,13 @@ class Journal:
         return {"step": step, **info}
 
 
-def _local_layout(job_dir) -> JobLayout:
+def _local_layout(job_dir, require_finished: bool = True) -> JobLayout:
     if is_url(str(job_dir)):
         raise ConfigError(f"{job_dir}: add, remove and compact change a job folder in place; "
                           "run them where the folder is (a local path)")
     layout = JobLayout(job_dir)
+    if not require_finished:  # the runner, between the store and evaluate stages
+        return layout
     if not layout.summary.is_file() or read_json(layout.summary).get("status") != "done":
         raise ConfigError(f"{layout.root}: not a finished job (summary.json says it is not "
                           "done): run or resume the job first")
@@ -309,14 +311,14 @@ def index_files(layout: JobLayout, layer: str, shards) -> list[Path]:
     return [p for p in base + gens + parts if p.is_file()]
 
 
-def remove_keys(job_dir, keys_file) -> dict:
+def remove_keys(job_dir, keys_file, require_finished: bool = True) -> dict:
     """Remove the listed keys from every index and the store (journaled, resumable,
     idempotent); returns the report (removed, already removed, unknown keys)."""
     from pipeline.ids import partition_of_shard
     from pipeline.index.faiss_index import has_ondisk_lists, remove_ids_from_file
     from pipeline.store.softmax_store import StoreLocked, delete_ids
 
-    layout = _local_layout(job_dir)
+    layout = _local_layout(job_dir, require_finished)
     apply_pending_deletions(layout)
     keys = _keys_from_file(keys_file)
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
