@@ -142,12 +142,13 @@ class FeaturesSpec(_Strict):
     storage: Literal["float16", "float32", "sq8", "itq", "sign"] = "float16"
     # images per forward; "auto": from free GPU memory (a probe forward), or by input size on CPU
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
-    # decode threads per extraction task; auto: 2 on a CPU (measured best on 2 cores), and on a
-    # GPU every CPU the task was given but one (the GPU forwards far faster than a core decodes)
+    # decode workers per extraction task; auto: on a CPU one per CPU of the task beside torch's
+    # as many threads (2 for a one-CPU task), and on a GPU every CPU the task was given but one
+    # (the GPU forwards far faster than a core decodes)
     decode_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    # what runs the Pillow decode: threads (enough on a few cores) or processes (threads stop
-    # scaling at about one core's worth of images; a GPU node needs many cores' worth);
-    # auto: processes when the model is on a GPU, else threads
+    # what runs the Pillow decode: threads or processes (threads stop scaling at about one
+    # core's worth of images, and on 2 CPUs lost up to an eighth of the decode cap on web-size
+    # photos: docs/benchmarks.md); auto: processes on a GPU and for a CPU task of 2+ CPUs
     decode_executor: Literal["auto", "threads", "processes"] = "auto"
     # the forward pass's arithmetic (part of the feature recipe, pipeline/features/recipe.py):
     # fp32 (on a GPU with TF32 off), tf32 (GPU only), bf16 (autocast); auto: fp32, the GPU

@@ -164,3 +164,19 @@ def test_extract_shard_with_the_hybrid_decoder_on_cpu(tmp_path):
     assert counts["written"] == 6
     assert pq.read_table(out).num_rows == 6
     assert read_metadata(out)["stats"]["decoded"] == 6
+
+
+def test_auto_decode_split_from_the_tasks_cpus():
+    from pipeline.runtime.tasks import decode_in_processes, decode_workers_for
+
+    # a CPU task of c >= 2 CPUs: torch's c threads and c decode processes (measured best on 2)
+    assert decode_workers_for("auto", "cpu", 2) == 2 and decode_in_processes("auto", "cpu", 2)
+    assert decode_workers_for("auto", "cpu", 4) == 4 and decode_in_processes("auto", "cpu", 4)
+    # a one-CPU task (the default features task on a CPU): 2 decode threads, as before
+    assert decode_workers_for("auto", "cpu", 1) == 2 and not decode_in_processes("auto", "cpu", 1)
+    assert not decode_in_processes("auto", "cpu", None)
+    # a GPU task: its CPUs but one, in processes
+    assert decode_workers_for("auto", "cuda:0", 16) == 15 and decode_in_processes("auto", "cuda:0", 16)
+    # explicit settings win
+    assert decode_workers_for(3, "cpu", 2) == 3 and not decode_in_processes("threads", "cpu", 8)
+    assert decode_in_processes("processes", "cpu", 1)

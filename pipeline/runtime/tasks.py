@@ -63,19 +63,25 @@ def cached_model(model_spec, weights: str, weights_sha256: str | None, precision
     return model
 
 
-def decode_in_processes(executor: str, device: str) -> bool:
-    """``features.decode_executor``; auto: processes on a GPU, threads on a CPU."""
-    return executor == "processes" or (executor == "auto" and device.startswith("cuda"))
+def decode_in_processes(executor: str, device: str, num_threads: int | None = None) -> bool:
+    """``features.decode_executor``; auto: processes on a GPU, and on a CPU for a task of two or
+    more CPUs (the measured best split on 2 CPUs for web-size photos, where decode threads lost
+    up to an eighth of the decode cap: docs/benchmarks.md#web-size-photos), threads for a
+    one-CPU task."""
+    if executor != "auto":
+        return executor == "processes"
+    return device.startswith("cuda") or (num_threads or 1) >= 2
 
 
 def decode_workers_for(requested, device: str, num_threads: int | None) -> int:
-    """``features.decode_workers``; auto: 2 on a CPU (measured best on 2 cores, where decode
-    threads share cores with the forward), on a GPU all of the task's CPUs but one."""
+    """``features.decode_workers``; auto: on a GPU all of the task's CPUs but one; on a CPU one
+    decode process per CPU of the task (beside torch's as many intra-op threads: the measured
+    best split of 2 CPUs), and 2 threads for a one-CPU task."""
     if requested != "auto":
         return int(requested)
     if device.startswith("cuda"):
         return max(1, (num_threads or 2) - 1)
-    return 2
+    return num_threads if (num_threads or 1) >= 2 else 2
 
 
 def scan_task(url: str, offsets_path: str | None = None) -> dict:
@@ -169,7 +175,7 @@ def features_task(spec: dict, url: str, shard_index: int, weights: str, job_dir:
                                                            num_threads),
                          decode_backend=fs.decode_backend,
                          decode_processes=decode_in_processes(fs.decode_executor,
-                                                              current_device()))
+                                                              current_device(), num_threads))
 
 
 def _search_vectors(feature_file: str, layer: str, job_dir: str) -> np.ndarray:
