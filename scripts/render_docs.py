@@ -558,6 +558,202 @@ NUMBERS = {
     "ib.cluster-merge-tune-h": _hours("extrapolation.cluster_wall_s.merge_s", "extrapolation.cluster_wall_s.tune_s"),
 }
 
+# -- web-size extraction (benchmarks/extraction.py web) and the scale curve (benchmarks/scale.py) --
+
+def _web() -> list[dict]:
+    return _load("extraction_web.json")["results"]
+
+
+WEB_AUTO = "torch 2 + 2 decode processes"  # the split `auto` picks on 2 CPUs (runtime/tasks.py)
+
+
+def _web_set(r: dict) -> str:
+    return f"{r['short_side']} px, " + ("real" if r["photos"] == "mate-backgrounds" else "upscaled")
+
+
+def extraction_web() -> str:
+    rows = ["| set | photos | mean KB | model | bare img/s | forward core-ms | decode core-ms "
+            "| cap | ratio (auto) | share of cap (auto) | best split | its ratio | its share |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in _web():
+        auto = r["splits"][WEB_AUTO]
+        best = r["splits"][r["best_split"]]
+        rows.append(f"| {_web_set(r)} | {r['photos']} | {r['mean_kb']:.0f} | {r['arch']} "
+                    f"| {r['bare_forward_img_per_s']:.1f} | {r['forward_core_ms']:.1f} "
+                    f"| {r['decode_core_ms']:.1f} | {r['cap']:.3f} | {auto['ratio']:.3f} "
+                    f"| **{auto['share_of_cap']:.3f}** | {r['best_split']} | {best['ratio']:.3f} "
+                    f"| {best['share_of_cap']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def extraction_web_short() -> str:
+    rows = ["| photos (shorter side) | model | decode ÷ forward core-ms | cap | ratio (`auto`) | share of cap |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in _web():
+        auto = r["splits"][WEB_AUTO]
+        rows.append(f"| {_web_set(r)} | {r['arch']} "
+                    f"| {r['decode_core_ms']:.1f} ÷ {r['forward_core_ms']:.1f} | {r['cap']:.2f} "
+                    f"| {auto['ratio']:.2f} | **{auto['share_of_cap']:.2f}** |")
+    return "\n".join(rows) + "\n"
+
+
+def extraction_web_splits() -> str:
+    results = _web()
+    names = list(results[0]["splits"])
+    rows = ["| set | model | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for r in results:
+        rows.append(f"| {_web_set(r)} | {r['arch']} | "
+                    + " | ".join(f"{r['splits'][n]['ratio']:.3f}" for n in names) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _web_point(name: str, arch: str) -> dict:
+    return next(r for r in _web() if r["set"] == name and r["arch"] == arch)
+
+
+def _wp(name: str, arch: str, fmt: str, key=None):
+    def get():
+        r = _web_point(name, arch)
+        return fmt.format(key(r) if key else r)
+    return get
+
+
+def _scale() -> dict:
+    return _load("scale.json")
+
+
+SCALE_STAGES = ["shards", "train", "transforms", "features", "index", "store", "verify", "evaluate"]
+
+
+def _si(n: float) -> str:
+    return f"1e{round(__import__('math').log10(n))}"
+
+
+def scale_table() -> str:
+    d = _scale()
+    points = sorted(d["points"], key=lambda p: p["n"])
+    head = " | ".join(f"N = {_si(p['n'])} s" for p in points)
+    rows = [f"| stage | {head} | per s at {_si(points[-1]['n'])} | driver peak MB "
+            f"| largest task peak MB | fit a (µs/image) | fit b (s) | log-log slope |",
+            "|---|" + "---:|" * len(points) + "---:|---:|---|---:|---:|---:|"]
+    for stage in SCALE_STAGES:
+        last = points[-1]["stages"][stage]
+        f = d["fits"][stage]
+        task = (f"{last['task_peak_rss_mb']:,.0f} ({last['largest_task'].removeprefix('ray::')})"
+                if last["largest_task"] else "–")
+        slope = "–" if f["loglog_slope"] is None else f"{f['loglog_slope']:.2f}"
+        if stage == "train":  # it records the given weights: nothing to rate or sample
+            rows.append(f"| {stage} (records `model.weights`) | " + " | ".join(
+                f"{p['stages'][stage]['seconds']:.2f}" for p in points) + " | – | – | – | – | – | – |")
+            continue
+        unit = "queries" if stage == "evaluate" else "images"
+        rows.append(f"| {stage} | " + " | ".join(f"{p['stages'][stage]['seconds']:.2f}" for p in points)
+                    + f" | {last['per_s']:,.0f} {unit} | {last['driver_peak_rss_mb']:,.0f} | {task} "
+                    f"| {1e6 * f['a_s_per_image']:.1f} | {f['b_s']:.2f} | {slope} |")
+    rows.append("| whole job (wall) | " + " | ".join(f"{p['job_wall_s']:.0f}" for p in points)
+                + " | | " + f"{points[-1]['driver_peak_rss_mb']:,.0f} | | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def _gb(b: float) -> str:
+    if b >= 1e15:
+        return f"{b / 1e15:,.1f} PB"
+    return f"{b / 1e12:,.1f} TB" if b >= 1e12 else f"{b / 1e9:,.1f} GB"
+
+
+def scale_projection() -> str:
+    d = _scale()
+    pr = d["projection"]
+    rows = ["| stage | hours | how |", "|---|---:|---|"]
+
+    def cpu(s: dict) -> str:
+        return (f"{s['core_hours']:,} core-hours: {s['compute_hours']:.2f} h over all cores; "
+                f"{s['units']:,} units × 2 ms of driver scheduling: {s['driver_dispatch_hours']:.2f} h "
+                f"(bound by {s['limited_by']})")
+
+    how = {"features": lambda s: (f"{s['per_gpu_img_per_s']:,.0f} img/s per GPU (ResNet-50 bf16, "
+                                  f"1080-px photos, {s['decoder'].split('/')[1]} decode, measured on "
+                                  f"an H200; bare forward {s['bare_forward_img_per_s']:,.0f} img/s)"),
+           "index_train": lambda s: (f"k-means, {s['per_layer_hours_on_one_32_core_node']:.2f} h per "
+                                     "layer on one 32-core node (index benchmark), 2 layers"),
+           "evaluate": lambda s: "its fixed cost (1,000 queries, PGD)"}
+    for stage, s in pr["stages"].items():
+        text = how.get(stage, cpu)(s)
+        name = f"**{stage}**" if stage == pr["bottleneck"] else stage
+        rows.append(f"| {name} | {s['hours']:,.2f} | {text} |")
+    rows.append(f"| whole job (stages one after another) | **{pr['total_hours']:,.1f}** "
+                f"| {pr['cluster']['gpus']:,} GPUs, {pr['gpu_hours']:,} GPU-hours in features |")
+    b = pr["bytes"]
+    kb = d["assumptions"]["image_bytes_1080"] / 1024
+    rows += ["", "| bytes | |", "|---|---:|",
+             f"| images, JPEG at 1080 px ({kb:.0f} KB each; object store) | {_gb(b['images_object_store'])} |",
+             f"| feature Parquet (object store) | {_gb(b['features_object_store'])} |",
+             f"| indexes (2 layers) | {_gb(b['index'])} |", f"| softmax store | {_gb(b['store'])} |",
+             f"| object store in all | **{_gb(b['object_store_total'])}** |"]
+    return "\n".join(rows) + "\n"
+
+
+def _sp(n: int, path: str, fmt: str, scale: float = 1):
+    def get():
+        p = next(p for p in _scale()["points"] if p["n"] == n)
+        return fmt.format(_get(p, path) * scale)
+    return get
+
+
+NUMBERS.update({
+    "ew.images": lambda: f"{_web()[0]['images']:,}",
+    "ew.share-1080": lambda: _range([r["splits"][WEB_AUTO]["share_of_cap"] for r in _web()
+                                     if r["short_side"] == 1080], "{:.2f}"),
+    "ew.cap-1080-lite0": lambda: _range([r["cap"] for r in _web() if r["short_side"] == 1080
+                                         and r["arch"] == "efficientnet-lite0"], "{:.2f}"),
+    "ew.cap-1080-r50": lambda: _range([r["cap"] for r in _web() if r["short_side"] == 1080
+                                       and r["arch"] == "resnet50"], "{:.2f}"),
+    "ew.decode-1080": lambda: _range([r["decode_core_ms"] for r in _web() if r["short_side"] == 1080], "{:.1f}"),
+    "ew.decode-1080-real": lambda: _range([r["decode_core_ms"] for r in _web() if r["set"] == "1080-real"], "{:.1f}"),
+    "ew.decode-1080-up": lambda: _range([r["decode_core_ms"] for r in _web() if r["set"] == "1080"], "{:.1f}"),
+    "ew.kb-1080-real": lambda: f"{_web_point('1080-real', 'efficientnet-lite0')['mean_kb']:.0f}",
+    "ew.kb-1080-up": lambda: f"{_web_point('1080', 'efficientnet-lite0')['mean_kb']:.0f}",
+    "ew.threads-share-lite0-640": _wp("640", "efficientnet-lite0", "{:.3f}",
+                                      lambda r: r["splits"]["torch 2 + 2 decode threads"]["share_of_cap"]),
+    "ew.procs-share-lite0-640": _wp("640", "efficientnet-lite0", "{:.3f}",
+                                    lambda r: r["splits"][WEB_AUTO]["share_of_cap"]),
+    "ew.lite0-256-threads-ratio": _wp("256", "efficientnet-lite0", "{:.3f}",
+                                      lambda r: r["splits"]["torch 2 + 2 decode threads"]["ratio"]),
+    "ew.lite0-256-procs-ratio": _wp("256", "efficientnet-lite0", "{:.3f}",
+                                    lambda r: r["splits"][WEB_AUTO]["ratio"]),
+    "ew.one-thread-ratio": lambda: _range([r["splits"]["torch 1 + 1 decode threads"]["ratio"]
+                                           for r in _web()], "{:.2f}"),
+    "ew.lite0-1080-cap": _wp("1080", "efficientnet-lite0", "{:.2f}", lambda r: r["cap"]),
+    "ew.r50-1080-cap": _wp("1080", "resnet50", "{:.2f}", lambda r: r["cap"]),
+    "ew.lite0-1080-share": _wp("1080", "efficientnet-lite0", "{:.2f}",
+                               lambda r: r["splits"][WEB_AUTO]["share_of_cap"]),
+    "ew.r50-1080-share": _wp("1080", "resnet50", "{:.2f}",
+                             lambda r: r["splits"][WEB_AUTO]["share_of_cap"]),
+    "ew.lite0-256-ratio": _wp("256", "efficientnet-lite0", "{:.2f}",
+                              lambda r: r["splits"][WEB_AUTO]["ratio"]),
+    "ew.r50-256-ratio": _wp("256", "resnet50", "{:.2f}", lambda r: r["splits"][WEB_AUTO]["ratio"]),
+    "sc.replicate-rate": _sp(1_000_000, "replicate.img_per_s", "{:,.0f}"),
+    "sc.1e6-wall-min": _sp(1_000_000, "job_wall_s", "{:.1f}", 1 / 60),
+    "sc.1e6-features-rate": _sp(1_000_000, "stages.features.per_s", "{:,.0f}"),
+    "sc.1e6-features-s": _sp(1_000_000, "stages.features.seconds", "{:.0f}"),
+    "sc.1e6-wall-s": _sp(1_000_000, "job_wall_s", "{:.0f}"),
+    "sc.1e6-eval-task-gb": _sp(1_000_000, "stages.evaluate.task_peak_rss_mb", "{:.1f}", 1e-3),
+    "sc.1e4-eval-task-gb": _sp(10_000, "stages.evaluate.task_peak_rss_mb", "{:.1f}", 1e-3),
+    "sc.features-us": lambda: f"{1e6 * _scale()['fits']['features']['a_s_per_image']:.0f}",
+    "sc.driver-rss": lambda: _range([p["driver_peak_rss_mb"] for p in _scale()["points"]], "{:.0f}"),
+    "sc.load": lambda: _range([v["load_average_max"] for p in _scale()["points"]
+                               for v in p["stages"].values() if v.get("load_average_max")], "{:.1f}"),
+    "sc.loaded-1e6-s": lambda: f"{_scale()['earlier_loaded_run_1e6']['job_wall_s']:.0f}",
+    "sc.5e10-features-h": lambda: f"{_scale()['projection']['stages']['features']['hours']:.1f}",
+    "sc.5e10-shards": lambda: f"{_scale()['projection']['shards'] / 1e6:.0f} million",
+    "sc.5e10-pb": lambda: f"{_scale()['projection']['bytes']['object_store_total'] / 1e15:.0f}",
+    "sc.5e10-hours": lambda: f"{_scale()['projection']['total_hours']:,.1f}",
+    "sc.5e10-bottleneck": lambda: _scale()["projection"]["bottleneck"],
+    "sc.5e10-gpus": lambda: f"{_scale()['projection']['cluster']['gpus']:,}",
+})
+RENDERERS.update({"extraction-web": extraction_web, "extraction-web-short": extraction_web_short, "extraction-web-splits": extraction_web_splits,
+                  "scale": scale_table, "scale-projection": scale_projection})
+
 RENDERERS.update({"demo": demo, "fm-headline": fm_headline, "store-agreement": store_agreement,
                   "index-build": index_build, "index-build-recall": index_build_recall,
                   "imagenet-budgets": imagenet_budgets})
