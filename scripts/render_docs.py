@@ -802,6 +802,40 @@ NUMBERS.update({
 })
 
 
+# -- a living database (benchmarks/living.py: add one shard and remove 10k keys on the scale
+#    benchmark's jobs: benchmarks/results/living.json) --
+
+LIVING = "living.json"
+
+
+def living_add() -> str:
+    rows = ["| database N | add 1 shard (4,000 images), s | scan | features | index | store |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for a in _load(LIVING)["add"]:
+        st = a["steps"]
+        rows.append(f"| {_si(a['n'])} | {a['seconds']:.1f} | {st['scan']:.1f} | "
+                    f"{st['features']:.1f} | {st['index']:.1f} | {st['store']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+RENDERERS["living-add"] = living_add
+NUMBERS.update({
+    "lv.add-ratio": _n(LIVING, "add_ratio_largest_vs_smallest", "{:.2f}"),
+    "lv.add-1e6-s": _n(LIVING, "add.2.seconds", "{:.1f}"),
+    "lv.rm-keys": _n(LIVING, "remove.keys", "{:,}"),
+    "lv.rm-n": lambda: _si(_load(LIVING)["remove"]["n"]),
+    "lv.rm-s": _n(LIVING, "remove.seconds", "{:.1f}"),
+    "lv.rm-index-s": _n(LIVING, "remove.index_s", "{:.1f}"),
+    "lv.rm-files": _n(LIVING, "remove.index_files", "{:,}"),
+    "lv.rm-resolve-s": _n(LIVING, "remove.resolve_s", "{:.2f}"),
+    "lv.rm-store-s": _n(LIVING, "remove.store_s", "{:.2f}"),
+    "lv.rm-batched-ms": _n(LIVING, "remove.layer_index.batched_s", "{:.0f}", 1000),
+    "lv.rm-single-ms": _n(LIVING, "remove.layer_index.single_id_call_s", "{:.1f}", 1000),
+    "lv.rm-single-s": _n(LIVING, "remove.layer_index.single_extrapolated_s", "{:.0f}"),
+    "lv.rm-ratio": _n(LIVING, "remove.layer_index.batched_vs_single", "{:,.0f}"),
+})
+
+
 def _number(m: re.Match) -> str:
     name = m.group("name")
     if name not in NUMBERS:
