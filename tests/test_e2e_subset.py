@@ -13,8 +13,7 @@ from pipeline.layout import JobLayout
 from pipeline.runtime.job import run_job
 from pipeline.runtime.manifest import Manifest
 from pipeline.store.softmax_store import SoftmaxStore
-from tests.conftest import synthetic_images
-from tests.test_e2e import _append_corrupt_sample
+from tests.conftest import append_corrupt_sample, synthetic_images
 
 LAYERS = ["conv_3_2", "conv_4_2"]
 
@@ -24,7 +23,7 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("subset_job")
     images, labels = synthetic_images(300, seed=11)
     write_split_shards(images, labels, root / "db", "train", samples_per_shard=80)
-    _append_corrupt_sample(root / "db" / "00001.tar", "corrupt-key")
+    append_corrupt_sample(root / "db" / "00001.tar", "corrupt-key")
     return root
 
 
