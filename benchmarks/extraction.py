@@ -38,6 +38,17 @@ CONFIGS = [  # (arch, layers, images, repeats)
 BATCH = 32
 
 
+def random_crop(img, rng):
+    """60-100% of each side at a random place, mirrored half of the time."""
+    from PIL import Image
+
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
+    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
 def make_jpegs(n: int, out_tar: Path, seed: int = 0) -> None:
     import webdataset as wds
     from PIL import Image
@@ -52,13 +63,7 @@ def make_jpegs(n: int, out_tar: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     with wds.TarWriter(str(out_tar)) as sink:
         for i in range(n):
-            img = photos[i % len(photos)]
-            w, h = img.size
-            cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
-            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            crop = img.crop((x0, y0, x0 + cw, y0 + ch))
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop = random_crop(photos[i % len(photos)], rng)
             aspect = rng.uniform(0.75, 1.33)
             size = (256, int(256 * aspect)) if aspect > 1 else (int(256 / aspect), 256)
             buf = io.BytesIO()
@@ -186,13 +191,7 @@ def make_web_jpegs(n: int, out_tar: Path, short: int, kind: str, seed: int = 0) 
     sizes = []
     with wds.TarWriter(str(out_tar)) as sink:
         for i in range(n):
-            img = photos[i % len(photos)]
-            w, h = img.size
-            cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
-            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            crop = img.crop((x0, y0, x0 + cw, y0 + ch))
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop = random_crop(photos[i % len(photos)], rng)
             aspect = float(np.exp(rng.uniform(-np.log(1.9), np.log(1.9))))
             size = (round(short * aspect), short) if aspect > 1 else (short, round(short / aspect))
             buf = io.BytesIO()
