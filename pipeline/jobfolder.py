@@ -126,13 +126,20 @@ def tombstones(layout: JobLayout, layers) -> np.ndarray | None:
 
     ondisk = any(has_ondisk_lists(path) for layer in layers
                  for path in (layout.merged_index(layer), *layout.index_dir(layer).glob("shard-*.faiss")))
-    removed = removed_ids(layout) if ondisk else np.zeros(0, np.int64)
+    if not ondisk or not layout.removed_table.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    # removals up to the last compact are gone from the lists for real: no tombstones for them
+    clean = read_generations(layout).get("lists_clean_through", 0)
+    ids = pq.read_table(layout.removed_table, columns=["id"], filters=[("removal", ">", clean)])
+    removed = np.sort(ids.column("id").to_numpy().astype(np.int64))
     return removed if len(removed) else None
 
 
 def pending_store_deletions(layout: JobLayout) -> list[tuple]:
-    """Store deletions that removals deferred because another process (a serve) held the
-    partition, not yet applied: (change folder, step, store dir, partition, ids)."""
+    """Store deletions that published removals deferred because another process (a serve) held
+    the partition, not yet applied: (change folder, step, store dir, partition, ids)."""
     import json
 
     import pyarrow.parquet as pq
@@ -150,6 +157,8 @@ def pending_store_deletions(layout: JobLayout) -> list[tuple]:
             if (change / "applied.json").is_file() else set()
         steps = [json.loads(line) for line in journal.read_text().splitlines()
                  if line.endswith("}")] if journal.is_file() else []
+        if not any(e["step"] == "generation" for e in steps):
+            continue  # not published yet: readers may still find these ids
         deferred = [e["step"] for e in steps if "deferred" in e and e["step"] not in applied]
         if not deferred:
             continue

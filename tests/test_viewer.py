@@ -152,6 +152,8 @@ def test_token_guards_everything_but_healthz(defense, viewer_job):
         assert client.get(f"/queries?token={TOKEN}").status_code == 200  # the page's own links
         assert client.get(f"/?token={TOKEN}").status_code == 200
         assert client.get("/healthz").status_code == 200
+        assert client.get("/queries?token=%E2%82%AC").status_code == 401  # not a 500
+        assert client.get(f"/image/{1 << 70}?token={TOKEN}").status_code == 404
 
 
 def test_public_bind_needs_a_token(tmp_path, monkeypatch, viewer_job):

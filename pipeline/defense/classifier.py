@@ -77,9 +77,12 @@ class DefendedClassifier:
         where neighbours come from instead of the folder's indexes and store, which are then not
         opened, e.g. co-located partition actors (``pipeline.runtime.colocated``). Without
         ``layer``, the default layer is the one the job's evaluation chose (:func:`default_layer`)."""
-        from pipeline.jobfolder import load_defense_parts
+        from pipeline.jobfolder import load_defense_parts, read_generations
         from pipeline.layout import JobLayout, read_json
 
+        # the generation first: a change published while the parts load is then a newer one,
+        # which the next reload picks up (read after, it would be claimed and never loaded)
+        generation = read_generations(JobLayout(job_dir))["generation"]
         parts = load_defense_parts(job_dir, local_search=searcher is None)
         spec = parts.pop("spec")
         if searcher is not None:
@@ -98,11 +101,9 @@ class DefendedClassifier:
             if parts.get("store") is not None:
                 parts["store"].close()
             raise
-        from pipeline.jobfolder import ImageLookup, KeyLookup, read_generations
-        from pipeline.layout import JobLayout
+        from pipeline.jobfolder import ImageLookup, KeyLookup
 
-        defense.job_dir = job_dir
-        defense.generation = read_generations(JobLayout(job_dir))["generation"]
+        defense.job_dir, defense.generation = job_dir, generation
         defense.keys_of = KeyLookup(job_dir)  # id -> sample key, for inspection
         defense.image_of = ImageLookup(job_dir, defense.keys_of)
         return defense
@@ -120,20 +121,22 @@ class DefendedClassifier:
         generation = read_generations(layout)["generation"]
         if generation == self.generation:
             return None
+        from pipeline.jobfolder import ImageLookup, KeyLookup
+
         old = self.searcher
         indexes = {name: load_layer_index(layout, name) for name in self.layers}
         store = open_store(layout, self.store.num_partitions, current=self.store)
         searcher = LocalSearcher(indexes, store, old.nprobe, old.stored_weights, old.m, old.p,
                                  tombstones(layout, self.layers))
-        return generation, searcher
+        if read_generations(layout)["generation"] != generation:  # changed while loading
+            return None  # the next poll loads the newer one whole
+        keys_of = KeyLookup(self.job_dir)  # new shards, removed ids
+        return generation, searcher, keys_of, ImageLookup(self.job_dir, keys_of)
 
     def swap(self, prepared) -> None:
-        from pipeline.jobfolder import ImageLookup, KeyLookup
-
-        self.generation, self.searcher = prepared
+        """Put a :meth:`prepare_reload` result in place (attribute assignments only)."""
+        self.generation, self.searcher, self.keys_of, self.image_of = prepared
         self.indexes, self.store = self.searcher.indexes, self.searcher.store
-        self.keys_of = KeyLookup(self.job_dir)  # new shards, removed ids
-        self.image_of = ImageLookup(self.job_dir, self.keys_of)
 
     def image(self, image_id: int) -> bytes:
         """A database image's encoded bytes (e.g. a neighbour's, ``Neighbours.ids``), read with

@@ -108,9 +108,15 @@ def _local_layout(job_dir, require_finished: bool = True) -> JobLayout:
 
 
 def _pending(layout: JobLayout, kind: str) -> Path | None:
-    """The change folder of an unfinished change (its journal has no ``finished`` step)."""
+    """The change folder of an unfinished change (its journal has no ``finished`` step). An
+    unfinished ``add`` that never published its generation is abandoned when another kind of
+    change starts: nothing reads its files, and the next add overwrites them."""
     for folder in sorted((layout.root / "changes").glob("*-*")):
-        if "finished" not in Journal(folder).done():
+        done = Journal(folder).done()
+        if "finished" not in done and not (folder / "abandoned.json").is_file():
+            if folder.name.endswith("-add") and kind != "add" and "generation" not in done:
+                write_json(folder / "abandoned.json", {"by": kind, "at": time.time()})
+                continue
             if folder.name.split("-", 1)[1] != kind:
                 raise ConfigError(f"{folder}: an unfinished {folder.name.split('-', 1)[1]} "
                                   "change: run that command again to finish it first")
@@ -131,9 +137,6 @@ def _job_run(layout: JobLayout, address: str | None, progress: bool):
     from pipeline.runtime.ray_runner import cluster_shape, ray_session
 
     spec = load_spec(layout.root).model_copy(update={"output_dir": str(layout.root)})
-    if spec.subset is not None:
-        raise ConfigError(f"{layout.root}: a subset job's database is the subset's selection; "
-                          "add shards to the full job, then build the subset again")
     with ray_session(address or spec.runtime.address, spec.runtime.num_cpus):
         manifest = Manifest(layout.manifest)
         try:
@@ -165,11 +168,17 @@ def _start_or_resume(layout: JobLayout, kind: str, same, describe, new_plan) -> 
 # --- add -------------------------------------------------------------------------------------
 
 
+def canonical_url(url: str) -> str:
+    """A shard's one name: local paths absolute and resolved (``./x.tar`` and ``/abs/x.tar``
+    are one shard, and the job folder can be read from any directory)."""
+    return url if is_url(url) else os.path.realpath(url)
+
+
 def _add_plan(layout: JobLayout, urls: list[str]) -> dict:
     """New shard indexes for ``urls``; refuses a shard already in the database, naming it."""
     from pipeline.ids import MAX_SHARDS
 
-    known = {s["url"]: s for s in database_shards(layout)}
+    known = {canonical_url(s["url"]): s for s in database_shards(layout)}
     for u in urls:
         if u in known:
             raise ConfigError(f"add: {u} is already in the database (shard "
@@ -194,8 +203,12 @@ def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
     from pipeline.runtime.ray_runner import Unit
 
     layout = _local_layout(job_dir)
+    if load_spec(layout.root).subset is not None:
+        raise ConfigError(f"{layout.root}: a subset job's database is the subset's selection; "
+                          "add shards to the full job, then build the subset again")
+    apply_pending_deletions(layout)
     missing: list[str] = []
-    urls = expand_shards(list(shard_urls), missing)
+    urls = [canonical_url(u) for u in expand_shards(list(shard_urls), missing)]
     if missing or not urls:
         raise ConfigError(f"add: {', '.join(missing) or ' '.join(shard_urls)}: no such shard")
     folder, plan = _start_or_resume(
@@ -257,6 +270,8 @@ def add_shards(job_dir, shard_urls: list[str], *, address: str | None = None,
 
     def publish():
         gens = read_generations(layout)
+        if gens["generation"] >= generation:  # published before a crash cut the journal line
+            return {}
         gens["added"].append({"generation": generation, "shard_indexes": plan["shard_indexes"],
                               "urls": urls, "images": written, "at": time.time()})
         gens["generation"] = generation
@@ -358,20 +373,8 @@ def remove_keys(job_dir, keys_file, require_finished: bool = True) -> dict:
     for i, s in zip(id_array.tolist(), shards.tolist(), strict=True):
         store_dir = layout.generation_store(added[s]) if s in added else layout.store_dir
         groups.setdefault((store_dir, partition_of_shard(s, parts)), []).append(i)
-    deferred = 0
-
-    def delete(store_dir, p, members):
-        try:
-            return {"deleted": delete_ids(store_dir, p, np.asarray(members))}
-        except StoreLocked:  # a running serve owns it: it applies these on its next reload
-            return {"deferred": len(members)}
-
-    for (store_dir, p), members in sorted(groups.items()):
-        rel = str(store_dir.relative_to(layout.root))
-        info = journal.run(f"store:{rel}/part-{p:03d}",
-                           lambda d=store_dir, p=p, m=members: delete(d, p, m))
-        deferred += info.get("deferred", 0)
-
+    # the removed table before the store deletes: it is what on-disk lists' tombstones come from,
+    # so no reader can find an id whose softmax is already gone
     def table():
         old = pq.read_table(layout.removed_table) if layout.removed_table.is_file() else None
         new = ids.append_column("removal", pa.array([generation] * ids.num_rows, pa.int64()))
@@ -387,8 +390,24 @@ def remove_keys(job_dir, keys_file, require_finished: bool = True) -> dict:
 
     journal.run("table", table)
 
+    deferred = 0
+
+    def delete(store_dir, p, members):
+        try:
+            return {"deleted": delete_ids(store_dir, p, np.asarray(members))}
+        except StoreLocked:  # a running serve owns it: it applies these on its next reload
+            return {"deferred": len(members)}
+
+    for (store_dir, p), members in sorted(groups.items()):
+        rel = str(store_dir.relative_to(layout.root))
+        info = journal.run(f"store:{rel}/part-{p:03d}",
+                           lambda d=store_dir, p=p, m=members: delete(d, p, m))
+        deferred += info.get("deferred", 0)
+
     def publish():
         gens = read_generations(layout)
+        if gens["generation"] >= generation:  # published before a crash cut the journal line
+            return {}
         gens["removals"].append({"generation": generation, "removed": resolved["found"],
                                  "unknown": resolved["unknown"], "keys_file": plan["keys_file"],
                                  "at": time.time()})
@@ -428,14 +447,18 @@ def compact(job_dir) -> dict:
     rewrite on-disk lists without their tombstones (journaled, resumable)."""
     from pipeline.ids import partition_of_shard
     from pipeline.index.faiss_index import has_ondisk_lists, merge_parts, remove_ids_from_file
-    from pipeline.store.softmax_store import copy_partition
+    from pipeline.store.softmax_store import SoftmaxStore, StoreLocked, copy_partition
 
     layout = _local_layout(job_dir)
+    spec = load_spec(layout.root)
+    try:  # compact writes the base store: refuse before any work while something holds it
+        SoftmaxStore(layout.store_dir, spec.store.partitions).close()
+    except StoreLocked as err:
+        raise ConfigError(f"compact: {err}") from None
     apply_pending_deletions(layout)
     if pending_store_deletions(layout):
         raise ConfigError(f"{layout.root}: store deletions of a removal wait for the process "
                           "that holds the store (a running serve): stop it, then compact")
-    spec = load_spec(layout.root)
     gens = read_generations(layout)
     if _pending(layout, "compact") is None and not gens["added"] \
             and not tombstones_needed(layout, spec.features.layers):
@@ -458,7 +481,7 @@ def compact(job_dir) -> dict:
         for p, members in groups.items():
             out = layout.merged_index(layer) if p is None else layout.index_shard(layer, p)
             ondisk = has_ondisk_lists(out)
-            if not (added or (ondisk and len(gone))):
+            if not (added or (ondisk and tombstones_needed(layout, [layer]))):
                 continue
             rewritten += 1
 
@@ -492,6 +515,8 @@ def compact(job_dir) -> dict:
         gens["compacted"] = gens.get("compacted", []) + [
             g for g in gens["added"] if g["generation"] in plan["added"]]
         gens["added"] = [g for g in gens["added"] if g["generation"] not in plan["added"]]
+        # the lists were re-merged from parts without every removal so far: no tombstones left
+        gens["lists_clean_through"] = max([0] + [r["generation"] for r in gens["removals"]])
         gens["generation"] = generation
         _write_generations(layout, gens)
         return {}

@@ -507,6 +507,9 @@ def verify_folder(job_dir: str, mode: str = "auto", address: str | None = None,
     from pipeline.runtime.remote import local_job_dir
 
     root = local_job_dir(job_dir, required=["shards", "features", "index", "store"])
+    from pipeline.runtime.living import apply_pending_deletions
+
+    apply_pending_deletions(JobLayout(root))  # a removal's deletions a serve could not apply
     spec = load_spec(root)
     layout = JobLayout(root)
     if not layout.shards_table.is_file():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -61,14 +63,14 @@ class TokenCheck:
     """Pure ASGI middleware: 401 unless the request carries ``token`` (header or query)."""
 
     def __init__(self, app, token: str):
-        self.app, self.token = app, token.encode()
+        self.app, self.token = app, token.encode("utf-8")
 
     def _presented(self, scope) -> bytes:
         for name, value in scope.get("headers", ()):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return value[7:].strip()
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        return query.get("token", [""])[0].encode("latin-1")
+        return query.get("token", [""])[0].encode("utf-8", "replace")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -80,3 +82,15 @@ class TokenCheck:
                 headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class RedactToken(logging.Filter):
+    """Keeps ``?token=`` out of uvicorn's access log (the page's image links carry it)."""
+
+    PATTERN = re.compile(r"(token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True

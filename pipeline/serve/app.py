@@ -298,7 +298,8 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await reload_generation()
+                if not await reload_generation():  # and deletions a failed attempt left
+                    await run_in_threadpool(_apply_deferred_deletions, defense)
             except Exception as exn:  # a half-written change is retried at the next poll
                 print(f"knn-defense serve: reload failed ({type(exn).__name__}: {exn}); "
                       "still answering from generation", defense.generation, flush=True)
@@ -492,6 +493,12 @@ def serve(job_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
         app = create_app(defense, job_dir=job_dir, token=token, **limits)
         print(f"knn-defense: the neighbour viewer is at http://{host}:{port}/"
               + ("?token=<your token>" if token else ""), flush=True)
+        if token:
+            import logging
+
+            from pipeline.serve.access import RedactToken
+
+            logging.getLogger("uvicorn.access").addFilter(RedactToken())
         uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
     finally:
         defense.store.close()

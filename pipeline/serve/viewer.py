@@ -90,7 +90,8 @@ def explain(defense, images: np.ndarray, k: int, class_name) -> list[dict]:
     for j in range(len(images)):
         undefended = int(probs[j].argmax())
         item = {"undefended": {"label": undefended, "name": class_name(undefended),
-                               "score": float(probs[j, undefended])}, "layers": {}}
+                               "score": float(probs[j, undefended])}, "layers": {},
+                "generation": getattr(defense, "generation", 0)}  # the database that answered
         for layer in defense.layers:
             neigh = by_layer[layer]
             ok = neigh.ids[j] != -1
@@ -246,7 +247,7 @@ def add_viewer(app: FastAPI, defense, *, job_dir, read_request, check_params, de
         try:
             data = await run_in_threadpool(read)
             body, media = await run_in_threadpool(thumbnail, data, size, max_pixels)
-        except ImageNotFound as exn:
+        except (ImageNotFound, OverflowError) as exn:
             raise not_found(exn) from None
         except (OSError, ValueError) as exn:
             raise HTTPException(422, f"{what}: unreadable image ({exn})") from None
@@ -318,6 +319,8 @@ def add_viewer(app: FastAPI, defense, *, job_dir, read_request, check_params, de
         x, x_adv = images[0].astype(np.float64) / 255, adv.astype(np.float64) / 255
         achieved = float(np.linalg.norm(x_adv - x) / max(np.linalg.norm(x), 1e-12))
         return {"method": method, "budget": budget, "achieved": achieved, "steps": steps,
+                # a reload between the clean and the adversarial search: they differ in database
+                "generation_changed": clean["generation"] != moved["generation"],
                 "label": label, "layer": layer, "weighting": weighting, "k": k,
                 "clean": clean, "adversarial": moved,
                 "images": {"clean": png_data_url(images[0]), "adversarial": png_data_url(adv),

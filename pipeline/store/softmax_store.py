@@ -329,17 +329,21 @@ class SoftmaxStore:
         self.close()
 
 
-def delete_ids(store_dir: str | os.PathLike, partition_index: int, ids: np.ndarray) -> int:
-    """Delete ``ids`` from one partition (absent ids are no-ops, so a repeat does nothing);
-    returns how many were there. Refuses with StoreLocked while another process holds it."""
-    path = partition_dir(store_dir, partition_index)
+def _open_unheld(path: Path) -> plyvel.DB:
+    """A partition for writing; StoreLocked while another process (or opener) holds it."""
     try:
-        db = plyvel.DB(str(path), create_if_missing=False)
+        return plyvel.DB(str(path), create_if_missing=False)
     except plyvel.IOError as err:
         if "lock" in str(err).lower():
             raise StoreLocked(f"{path}: held by another process (a running `knn-defense serve`?): "
                               "stop it and run the same command again to finish") from None
         raise
+
+
+def delete_ids(store_dir: str | os.PathLike, partition_index: int, ids: np.ndarray) -> int:
+    """Delete ``ids`` from one partition (absent ids are no-ops, so a repeat does nothing);
+    returns how many were there. Refuses with StoreLocked while another process holds it."""
+    db = _open_unheld(partition_dir(store_dir, partition_index))
     try:
         present = 0
         with db.write_batch(sync=True) as wb:
@@ -356,15 +360,11 @@ def copy_partition(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
                    partition_index: int) -> int:
     """Copy every entry of one partition into the same partition of another store (puts are
     idempotent, so a repeat after a crash writes the same values); returns the count."""
-    src = plyvel.DB(str(partition_dir(src_dir, partition_index)), create_if_missing=False)
+    src = _open_unheld(partition_dir(src_dir, partition_index))
     try:
-        dst = plyvel.DB(str(partition_dir(dst_dir, partition_index)), create_if_missing=False)
-    except plyvel.IOError as err:
+        dst = _open_unheld(partition_dir(dst_dir, partition_index))
+    except BaseException:
         src.close()
-        if "lock" in str(err).lower():
-            raise StoreLocked(f"{partition_dir(dst_dir, partition_index)}: held by another "
-                              "process (a running `knn-defense serve`?): compact while nothing "
-                              "serves the job") from None
         raise
     try:
         count = 0
