@@ -137,31 +137,40 @@ def tombstones(layout: JobLayout, layers) -> np.ndarray | None:
     return removed if len(removed) else None
 
 
+def read_journal(path) -> list[dict]:
+    """A change's journal records (pipeline/runtime/living.py), one JSON line each; a line a
+    crash cut short is not a record."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
 def pending_store_deletions(layout: JobLayout) -> list[tuple]:
     """Store deletions that published removals deferred because another process (a serve) held
     the partition, not yet applied: (change folder, step, store dir, partition, ids)."""
-    import json
-
     import pyarrow.parquet as pq
 
-    changes = sorted((layout.root / "changes").glob("*-remove"))
-    if not changes:
+    waiting = []  # (change, its deferred steps)
+    for change in sorted((layout.root / "changes").glob("*-remove")):
+        steps = read_journal(change / "journal.jsonl")
+        if not any(e["step"] == "generation" for e in steps):
+            continue  # not published yet: readers may still find these ids
+        applied = set(read_json(change / "applied.json")["steps"]) \
+            if (change / "applied.json").is_file() else set()
+        deferred = [e["step"] for e in steps if "deferred" in e and e["step"] not in applied]
+        if deferred:
+            waiting.append((change, deferred))
+    if not waiting:  # the usual case (serve polls this): no spec or table read
         return []
     partitions = load_spec(layout.root).store.partitions
     store_of = {s: layout.generation_store(g["generation"])
                 for g in read_generations(layout)["added"] for s in g["shard_indexes"]}
     pending = []
-    for change in changes:
-        journal = change / "journal.jsonl"
-        applied = set(read_json(change / "applied.json")["steps"]) \
-            if (change / "applied.json").is_file() else set()
-        steps = [json.loads(line) for line in journal.read_text().splitlines()
-                 if line.endswith("}")] if journal.is_file() else []
-        if not any(e["step"] == "generation" for e in steps):
-            continue  # not published yet: readers may still find these ids
-        deferred = [e["step"] for e in steps if "deferred" in e and e["step"] not in applied]
-        if not deferred:
-            continue
+    for change, deferred in waiting:
         table = pq.read_table(change / "ids.parquet").to_pydict()
         ids, shards = np.asarray(table["id"], np.int64), table["shard"]
         homes = [(store_of.get(s, layout.store_dir), s % partitions) for s in shards]
@@ -313,7 +322,8 @@ class ImageLookup:
         shard = int(shards[0])
         if image_id < 0 or shard not in self._urls:
             raise ImageNotFound(f"id {image_id}: no shard {shard} in this database")
-        if np.isin(image_id, self._removed):
+        at = int(np.searchsorted(self._removed, image_id))
+        if at < len(self._removed) and self._removed[at] == image_id:
             raise ImageNotFound(f"id {image_id} was removed from this database")
         try:
             key = self._keys_of([image_id])[0]

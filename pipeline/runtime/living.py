@@ -47,6 +47,7 @@ from pipeline.jobfolder import (
     load_spec,
     pending_store_deletions,
     read_generations,
+    read_journal,
     record_applied,
     removed_ids,
 )
@@ -66,11 +67,7 @@ class Journal:
         self.path = self.folder / "journal.jsonl"
 
     def entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines()
-        # a line cut short by a crash is not a record
-        return [json.loads(line) for line in lines if line.endswith("}")]
+        return read_journal(self.path)
 
     def done(self) -> dict[str, dict]:
         return {e["step"]: e for e in self.entries()}
@@ -424,15 +421,17 @@ def remove_keys(job_dir, keys_file, require_finished: bool = True) -> dict:
     return report
 
 
-def apply_pending_deletions(layout: JobLayout) -> int:
+def apply_pending_deletions(layout: JobLayout, delete=None) -> int:
     """Store deletions a removal deferred because a serve held the store, applied now where
-    the store is free (idempotent); returns how many ids were deleted."""
+    the store is free (idempotent); returns how many ids were deleted. ``delete(store_dir,
+    partition, ids)``: how (default: open the partition; the serve that holds it passes its
+    own handles)."""
     from pipeline.store.softmax_store import StoreLocked, delete_ids
 
     done = 0
     for change, step, store_dir, p, ids in pending_store_deletions(layout):
         try:
-            done += delete_ids(store_dir, p, ids)
+            done += (delete or delete_ids)(store_dir, p, ids)
         except StoreLocked:
             continue
         record_applied(change, step)

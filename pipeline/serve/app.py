@@ -469,12 +469,11 @@ def create_app(defense, *, job_dir=None, token: str | None = None,
 
 def _apply_deferred_deletions(defense) -> None:
     """Removals that found the store held by this process left their deletions to it."""
-    from pipeline.jobfolder import pending_store_deletions, record_applied
     from pipeline.layout import JobLayout
+    from pipeline.runtime.living import apply_pending_deletions
 
-    for change, step, _, _, ids in pending_store_deletions(JobLayout(defense.job_dir)):
-        defense.store.delete_many(ids)
-        record_applied(change, step)
+    apply_pending_deletions(JobLayout(defense.job_dir),
+                            lambda store_dir, p, ids: defense.store.delete_many(ids))
 
 
 def serve(job_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,

@@ -28,6 +28,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.data.offsets import ImageNotFound
+from pipeline.weighting import vote
 
 WEIGHTINGS = ("uw", "cbw_e", "cbw_d")
 VIEWER_LIMITS = dict(max_attack_steps=100, max_attack_budget=1.0, attack_timeout_s=60.0,
@@ -82,10 +83,12 @@ def explain(defense, images: np.ndarray, k: int, class_name) -> list[dict]:
     """Everything the page shows about each image: undefended prediction, and per layer the
     neighbours with their vote weights and the defended prediction under every weighting."""
     probs, by_layer = defense.neighbours_all_layers(images, defense.layers, k=k)
-    votes = {(layer, rule): defense.vote(by_layer[layer], rule)
-             for layer in defense.layers for rule in WEIGHTINGS}
     weights = {(layer, rule): defense.weights_for(by_layer[layer], rule)
                for layer in defense.layers for rule in WEIGHTINGS}
+    votes = {}
+    for (layer, rule), w in weights.items():
+        scores = vote(by_layer[layer].softmax, w)
+        votes[layer, rule] = scores.argmax(-1), scores
     out = []
     for j in range(len(images)):
         undefended = int(probs[j].argmax())

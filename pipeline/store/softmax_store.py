@@ -285,15 +285,8 @@ class SoftmaxStore:
         """Delete ids through this process's open partitions (the owner of a served store
         applies removals itself); absent ids are no-ops. Returns how many were there."""
         ids = np.asarray(ids, np.int64)
-        present = 0
-        for p, db in self._dbs.items():
-            mine = ids[partition(ids, self.num_partitions) == p]
-            with db.write_batch(sync=True) as wb:
-                for i in mine.tolist():
-                    if db.get(id_key(i)) is not None:
-                        present += 1
-                        wb.delete(id_key(i))
-        return present
+        parts = partition(ids, self.num_partitions)
+        return sum(_delete_from(db, ids[parts == p]) for p, db in self._dbs.items())
 
     def iter_ids(self):
         for db in self._dbs.values():
@@ -345,15 +338,20 @@ def delete_ids(store_dir: str | os.PathLike, partition_index: int, ids: np.ndarr
     returns how many were there. Refuses with StoreLocked while another process holds it."""
     db = _open_unheld(partition_dir(store_dir, partition_index))
     try:
-        present = 0
-        with db.write_batch(sync=True) as wb:
-            for i in np.asarray(ids, np.int64).tolist():
-                if db.get(id_key(i)) is not None:
-                    present += 1
-                    wb.delete(id_key(i))
-        return present
+        return _delete_from(db, ids)
     finally:
         db.close()
+
+
+def _delete_from(db: plyvel.DB, ids) -> int:
+    """Delete the ids one open partition holds (one synced batch); how many it held."""
+    present = 0
+    with db.write_batch(sync=True) as wb:
+        for i in np.asarray(ids, np.int64).tolist():
+            if db.get(id_key(i)) is not None:
+                present += 1
+                wb.delete(id_key(i))
+    return present
 
 
 def copy_partition(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
