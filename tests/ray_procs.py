@@ -46,6 +46,18 @@ def loopback_env(**extra) -> dict:
     return env
 
 
+def run_script(args: list[str], env: dict, timeout: float, cwd=None) -> tuple[int, str, str]:
+    """(returncode, stdout, stderr) of a Python process started in its own session (so its Ray
+    processes are its children), its whole tree stopped afterwards even on a timeout."""
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_process_tree(proc, grace=5)
+    return proc.returncode, out, err
+
+
 def stop_process_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM ``proc`` (and let it stop its children), then SIGKILL whatever of its process
     tree is left, by pid."""

@@ -5,8 +5,6 @@ KNN_DEFENSE_FAKE_CUDA=1 in the workers, so it runs on a CPU-only machine."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +12,7 @@ import pytest
 
 from pipeline import devices
 from pipeline.devices import task_device
-from tests.ray_procs import loopback_env, stop_process_tree
+from tests.ray_procs import loopback_env, run_script
 
 ROOT = Path(__file__).parent.parent
 
@@ -106,14 +104,8 @@ def test_ray_assigns_the_device_of_tasks_and_actors(tmp_path):
     # a GPU node's environment: every worker inherits both GPUs unless Ray narrows it
     env = loopback_env(CUDA_VISIBLE_DEVICES="0,1")
     env.pop("KNN_DEFENSE_FAKE_CUDA", None)  # only the workers pretend (runtime_env)
-    proc = subprocess.Popen([sys.executable, "-c", PROBE_SCRIPT, str(tmp_path)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        stop_process_tree(proc, grace=5)
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = run_script(["-c", PROBE_SCRIPT, str(tmp_path)], env, 240, cwd=ROOT)
+    assert code == 0, err[-3000:]
     seen = json.loads(out.strip().splitlines()[-1])
     for kind in ("task", "actor"):
         assert seen[f"{kind} num_gpus=1"] == {"device": "cuda:0", "gpu_ids": ["0"], "visible": "0",

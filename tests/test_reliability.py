@@ -27,7 +27,13 @@ from pipeline.runtime.job import run_job
 from pipeline.runtime.manifest import Manifest
 from pipeline.validate import load_job
 from tests.conftest import synthetic_images
-from tests.ray_procs import kill_pids, loopback_env, ray_head, stop_process_tree, token_file
+from tests.ray_procs import (
+    kill_pids,
+    loopback_env,
+    ray_head,
+    run_script,
+    token_file,
+)
 
 ROOT = Path(__file__).parent.parent
 WIDTHS, BLOCKS = [8, 16, 16], [1, 1, 1]
@@ -320,14 +326,8 @@ def test_two_node_cluster_spreads_shards_over_both_nodes(data, tmp_path):
     path = job_yaml(data, tmp_path / "job", "two-nodes")
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODE_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(path)], env=loopback_env(),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=420)
-    finally:
-        stop_process_tree(proc, grace=5)
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = run_script([str(script), str(path)], loopback_env(), 420, cwd=ROOT)
+    assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["status"] == "done" and len(result["nodes"]) == 2
     assert len(result["features"]) == 6
