@@ -39,11 +39,6 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     return requested
 
 
-def _format(data: bytes, max_pixels: int) -> str:
-    """The image's format, from its header alone (the pixel limit checked as the CPU path does)."""
-    return _header(data, max_pixels)[0]
-
-
 def _header(data: bytes, max_pixels: int) -> tuple[str, int]:
     """(format, shorter side) from the image's header alone, the pixel limit checked."""
     with Image.open(io.BytesIO(data)) as img:

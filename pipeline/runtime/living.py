@@ -50,6 +50,7 @@ from pipeline.jobfolder import (
     read_journal,
     record_applied,
     removed_ids,
+    tombstones,
 )
 from pipeline.layout import JobLayout, read_json, write_json
 
@@ -460,7 +461,7 @@ def compact(job_dir) -> dict:
                           "that holds the store (a running serve): stop it, then compact")
     gens = read_generations(layout)
     if _pending(layout, "compact") is None and not gens["added"] \
-            and not tombstones_needed(layout, spec.features.layers):
+            and tombstones(layout, spec.features.layers) is None:
         return {"generation": gens["generation"], "folded": 0, "rewritten": 0}  # nothing to fold
     folder, plan = _start_or_resume(layout, "compact", lambda plan: True, str,
                                     lambda: {"added": [g["generation"] for g in gens["added"]]})
@@ -480,7 +481,7 @@ def compact(job_dir) -> dict:
         for p, members in groups.items():
             out = layout.merged_index(layer) if p is None else layout.index_shard(layer, p)
             ondisk = has_ondisk_lists(out)
-            if not (added or (ondisk and tombstones_needed(layout, [layer]))):
+            if not (added or (ondisk and tombstones(layout, [layer]) is not None)):
                 continue
             rewritten += 1
 
@@ -534,12 +535,6 @@ def compact(job_dir) -> dict:
     journal.run("cleanup", cleanup)
     journal.record("finished")
     return {"generation": generation, "folded": len(added), "rewritten": rewritten}
-
-
-def tombstones_needed(layout: JobLayout, layers) -> bool:
-    from pipeline.jobfolder import tombstones
-
-    return tombstones(layout, layers) is not None
 
 
 def _point_lists_at(index_path: Path, data_path: Path) -> None:
