@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "KNN_DEFENSE_FASHION_MNIST_DIR"
@@ -240,12 +240,19 @@ class _TransferAttack(_Attack):
 
 
 class PgdAttack(_TransferAttack):
-    """L2 PGD (Madry et al.), ``steps`` of ``step_size * eps`` then the exact projection."""
+    """L2 PGD (Madry et al.): ``steps`` normalised-gradient steps, each followed by the exact
+    projection; per image the highest-loss iterate of the best of ``restarts`` runs."""
 
     name: Literal["pgd"] = "pgd"
     steps: Annotated[int, Field(gt=0)] = 10
-    step_size: Annotated[float, Field(gt=0)] | None = None  # relative to the budget; None = 2.5/steps
+    # cosine: a first step of step_size * eps (default 1) decaying on a half cosine, so the
+    # iterate reaches the budget's sphere and stays on it (pipeline/attacks/pgd.py); constant:
+    # step_size * eps every step (default 2.5/steps), which ends at ~77% of the budget on
+    # 224-px photos.
+    schedule: Literal["cosine", "constant"] = "cosine"
+    step_size: Annotated[float, Field(gt=0)] | None = None  # relative to the budget
     random_start: bool = False
+    restarts: Annotated[int, Field(gt=0)] = 1  # runs after the first start from random points
 
 
 class FgsmAttack(_TransferAttack):
@@ -259,6 +266,43 @@ class IfgsmAttack(_TransferAttack):
 
     name: Literal["ifgsm"] = "ifgsm"
     steps: Annotated[int, Field(gt=0)] = 10
+
+
+class NoiseAttack(_Attack):
+    """A control, not an attack: uniformly random directions scaled to fill the budget inside
+    the [0, 1] box, ``draws`` per image. Accuracy should stay within the clean interval."""
+
+    name: Literal["noise"] = "noise"
+    threat: Literal["random"] = "random"
+    draws: Annotated[int, Field(gt=0)] = 100
+
+
+class HopSkipJumpAttack(_Attack):
+    """Hard-label (decision-based) HopSkipJump L2 (foolbox) on the deployed classifiers: the
+    undefended one and every layer's hard kNN vote (the tables' weighting and K) over the job's
+    own index and store. Only labels are used; each classifier is attacked on the same seeded
+    subsample of ``num_images`` query images; accuracy is read at each of ``query_budgets``
+    model queries per image; images are rounded to 8-bit levels before they count."""
+
+    name: Literal["hsj"] = "hsj"
+    threat: Literal["hard_label"] = "hard_label"
+    num_images: Annotated[int, Field(gt=0)] = 100
+    query_budgets: list[Annotated[int, Field(gt=0)]] = [1000, 5000, 10000]
+    initial_gradient_evals: Annotated[int, Field(gt=0)] = 100
+    batch_size: Annotated[int, Field(gt=0)] = 100
+
+    @field_validator("query_budgets")
+    @classmethod
+    def _sorted(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one query budget")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if len(self.budgets) != 1:
+            raise ValueError("hsj: one budget (its sweep is over query_budgets)")
+        return self
 
 
 class CwAttack(_TransferAttack):
@@ -335,8 +379,12 @@ class MinNormAttack(_WhiteBoxAttack):
 
 
 AttackSpec = Annotated[PgdAttack | FgsmAttack | IfgsmAttack | CwAttack | PgdPrAttack
-                       | PgdFsAttack | AdaptiveAttack | MinNormAttack, Field(discriminator="name")]
+                       | PgdFsAttack | AdaptiveAttack | MinNormAttack | NoiseAttack
+                       | HopSkipJumpAttack, Field(discriminator="name")]
 WHITE_BOX_ATTACKS = ("pgd_pr", "pgd_fs", "adaptive", "min_norm")
+# Not adversarial sets of the grid: noise is evaluated draw by draw, HopSkipJump per classifier.
+CONTROL_ATTACKS = ("noise",)
+HARD_LABEL_ATTACKS = ("hsj",)
 
 
 class CbwDSpec(_Strict):

@@ -262,7 +262,9 @@ def test_cli_evaluates_a_model_only_experiment_and_resumes(toy, tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 5 + 2  # clean, sets, worst cases
     assert (out / "acc_vs_budget.png").stat().st_size > 1000
     claims = json.loads((out / "claims.json").read_text())
-    assert set(claims) == {"C5"}  # the only claim an undefended grid can test
+    assert set(claims) == {"C5", "sanity"}  # the only claim an undefended grid can test
+    checks = claims["sanity"]["undefended"]["checks"]
+    assert checks["black_vs_gray"]["status"] == "pass" and checks["unbounded"]["status"] == "not run"
     attacks = (out / "attacks.csv").read_text()
     assert "transfer_rate" in attacks and "fgsm-black_box@0.1" in attacks
     again = runner.invoke(main, ["evaluate", str(path), "--no-progress"])

@@ -90,4 +90,5 @@ def ifgsm_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, 
     exactly the budget. It is PGD without the random start and with a shorter step.
     """
     step = step_size if step_size is not None else 1.0 / steps
-    return pgd_l2(model, x, y, budget, steps=steps, step_size=step, random_start=False)
+    return pgd_l2(model, x, y, budget, steps=steps, step_size=step, schedule="constant",
+                  keep_best=False)

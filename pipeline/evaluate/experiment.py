@@ -28,7 +28,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from tqdm import tqdm
 
+from pipeline.attacks.noise import random_noise
 from pipeline.config import (
+    CONTROL_ATTACKS,
+    HARD_LABEL_ATTACKS,
     WHITE_BOX_ATTACKS,
     ConfigError,
     EvaluateSpec,
@@ -44,8 +47,12 @@ from pipeline.evaluate.grid import (
     defense_list,
     predict_defenses,
     save_npz,
+    wilson_interval,
     worst_case_rows,
 )
+from pipeline.evaluate.hard_label import hard_label_rows, run_hard_label, subsample_worst_case_rows
+from pipeline.evaluate.report import headline_budget
+from pipeline.evaluate.sanity import Outcome, sanity_checks
 from pipeline.evaluate.suite import (
     AttackContext,
     AttackDatabase,
@@ -475,7 +482,10 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
     bar.close()
     defenses = defense_list(layers, ev.weightings, ev.all_ks) if layers else [NONE]
     grid_fp = _hash(context_fp, defenses, ev.cbw_d.model_dump())
-    rows, evaluated = [], 0
+    rows, evaluated, hard_label, sanity = [], 0, {}, {}
+    specs_by_label = {s.label: s for s in sets}
+    with torch.inference_mode():
+        num_classes = int(ctx.model(x[:1]).shape[1])
     conditions = [({"condition": "clean", "attack": "clean", "threat": "-", "target_layer": "",
                     "budget": 0.0}, "clean", x)] + [
         ({k: s[k] for k in ("condition", "attack", "threat", "target_layer", "budget")},
@@ -503,8 +513,93 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
         by_budget = {b: [preds_by_cond[s["condition"]] for s in set_stats if s["budget"] <= b]
                      for b in sorted({s["budget"] for s in set_stats})}
         rows.extend(worst_case_rows(db_fields, preds_by_cond["clean"], by_budget, db_defenses, labels))
+        outcomes = [Outcome(set_meta(s, specs_by_label.get(s["condition"])), db_defenses,
+                            preds_by_cond[s["condition"]] == labels[None]) for s in set_stats]
+        for spec in (a for a in ev.attacks if a.name in CONTROL_ATTACKS):
+            for budget in spec.budgets:
+                fraction = noise_cell(out, db, spec, budget, x, ctx.model, db_defenses, labels,
+                                      ev.seed, f"{context_fp}{grid_fp}", progress)
+                evaluated += 1
+                meta = {"condition": f"noise-random@{budget:g}", "attack": spec.label,
+                        "name": "noise", "tag": spec.tag, "threat": "random",
+                        "target_layer": "", "budget": budget, "draws": spec.draws}
+                outcomes.append(Outcome(meta, db_defenses, fraction))
+                rows.extend(fraction_rows(db_fields, meta, db_defenses, fraction))
+        if db is databases[0]:  # the hard-label attack runs on the job's own database only
+            for spec in (a for a in ev.attacks if a.name in HARD_LABEL_ATTACKS):
+                set_fp = _hash(spec.model_dump(exclude={"batch_size"}), context_fp, db.fingerprint)
+                records = run_hard_label(out, spec, x, y, db, ctx.model, layers, ev, set_fp,
+                                         num_classes, progress)
+                hard_label[spec.label] = [{**r["stats"], "classifier": r["defense"][0],
+                                           "weighting": r["defense"][1], "k": r["defense"][2],
+                                           "budget": spec.budgets[0]} for r in records]
+                rows.extend(hard_label_rows(records, spec, labels, db_fields))
+                budget = spec.budgets[0]
+                rows.extend(subsample_worst_case_rows(
+                    records, preds_by_cond["clean"],
+                    [preds_by_cond[s["condition"]] for s in set_stats if s["budget"] <= budget],
+                    db_defenses, labels, budget, db_fields))
+                for qi, q in enumerate(spec.query_budgets):
+                    meta = {"condition": f"{spec.label}-hard_label@{budget:g}/{q}",
+                            "attack": spec.label, "name": spec.name, "tag": spec.tag,
+                            "threat": "hard_label", "target_layer": "", "budget": budget,
+                            "queries": q}
+                    outcomes.extend(Outcome(meta, [r["defense"]], r["correct"][qi][None],
+                                            r["images"]) for r in records)
+        checked = [d for d in db_defenses if d == NONE or d[2] == ev.k]
+        clean = Outcome({"condition": "clean", "attack": "clean", "name": "clean", "tag": None,
+                         "threat": "-", "target_layer": "", "budget": 0.0}, db_defenses,
+                        preds_by_cond["clean"] == labels[None])
+        sanity[db.label] = sanity_checks(outcomes, clean, checked, num_classes,
+                                         headline_budget(ev, rows))
     return {"rows": rows, "attacks": set_stats, "sets_crafted": crafted, "cells_evaluated": evaluated,
-            "num_queries": len(x)}
+            "num_queries": len(x), "hard_label": hard_label, "sanity": sanity}
+
+
+def set_meta(stats: dict, aset) -> dict:
+    """What the sanity checks know of a set: its statistics plus the spec's name, tag, steps
+    and restarts."""
+    spec = getattr(aset, "spec", None)
+    return {**stats, "name": stats["attack"].split(".")[0], "tag": getattr(spec, "tag", None),
+            "steps": getattr(spec, "steps", None), "restarts": getattr(spec, "restarts", 1)}
+
+
+def noise_cell(out: Path, db, spec, budget: float, x: torch.Tensor, model, defenses: list[tuple],
+               labels: np.ndarray, seed: int, context: str, progress: bool) -> np.ndarray:
+    """Fraction of ``spec.draws`` random-noise draws each defense gets right, per image [D, N].
+    The draws are regenerated from their seeds, never stored; the cell is written once."""
+    fp = _hash(spec.model_dump(exclude={"batch_size", "budget"}), budget, seed, context,
+               db.fingerprint)
+    path = out / "cells" / db.label / f"noise-random@{budget:g}-{fp}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            return saved["fraction"]
+    correct = np.zeros((len(defenses), len(x)), dtype=np.int32)
+    for draw in tqdm(range(spec.draws), desc=f"noise@{budget:g} ({db.label})", unit="draw",
+                     disable=not progress):
+        gen = torch.Generator().manual_seed(seed * 100_003 + draw)
+        images = random_noise(x, budget, gen)
+        correct += predict_defenses(db.defense, model, images, defenses) == labels[None]
+    fraction = correct / spec.draws
+    save_npz(path, fraction=fraction, draws=spec.draws)
+    return fraction
+
+
+def fraction_rows(db_fields: dict, meta: dict, defenses: list[tuple], fraction: np.ndarray) -> list[dict]:
+    """Rows of a condition scored as a fraction per image (random noise): the accuracy is the
+    mean over images and draws; its 95% interval is the Wilson interval over the images
+    (draws of one image are not independent)."""
+    rows = []
+    n = fraction.shape[1]
+    fields = {k: meta[k] for k in ("condition", "attack", "threat", "target_layer", "budget")}
+    for i, (layer, rule, k) in enumerate(defenses):
+        correct = float(fraction[i].sum())
+        lo, hi = wilson_interval(round(correct), n)
+        rows.append({**db_fields, **fields, "attacks_in_worst_case": "", "layer": layer,
+                     "weighting": rule, "k": k, "n": n, "correct": round(correct, 3),
+                     "accuracy": correct / n, "ci95_low": lo, "ci95_high": hi,
+                     "draws": meta["draws"]})
+    return rows
 
 
 def _threads(ev: EvaluateSpec, default: int | None) -> None:
@@ -589,7 +684,8 @@ def evaluate_job(job_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         decontamination["queries_excluded"] = queries["excluded"]
     result["decontamination"] = decontamination
     result.update(write_report(out_dir, result["rows"], result["attacks"], ev,
-                               title=title or job.name,
+                               title=title or job.name, sanity=result["sanity"],
+                               hard_label=result["hard_label"],
                                note=_decontamination_note(decontamination)))
     if include_job_database and out_dir == JobLayout(job_dir).eval_dir:
         # the query side's default layer (serve, classify), from this evaluation
@@ -621,5 +717,6 @@ def evaluate_model(exp: ExperimentSpec, num_threads: int | None = None, progress
     db = Database("undefended", 0, None, _hash(model_fp))
     result = run_grid(out_dir, ev, queries, ctx, [db], [], context_fp, progress)
     result["query_skipped"] = queries["skipped"]
-    result.update(write_report(out_dir, result["rows"], result["attacks"], ev, title=exp.name))
+    result.update(write_report(out_dir, result["rows"], result["attacks"], ev, title=exp.name,
+                               sanity=result["sanity"], hard_label=result["hard_label"]))
     return result

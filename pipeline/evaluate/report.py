@@ -6,15 +6,17 @@ import csv
 import os
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.evaluate.grid import WEIGHTING_NAMES
 from pipeline.evaluate.suite import attack_title
+
+SUBSAMPLE_WORST = "worst-case, hard-label subsample"
 
 
 def title_of(row: dict) -> str:
     if row["attack"] in ("clean", "worst-case"):
         return row["attack"]
+    if row["attack"] == "worst-case-subsample":
+        return SUBSAMPLE_WORST
     return attack_title(row["attack"], row["threat"])
 
 
@@ -36,11 +38,13 @@ def _fmt(row: dict | None) -> str:
 
 
 def _columns(rows: list[dict], budget: float | None) -> list[str]:
-    """clean, every attack title at ``budget`` (config order), worst-case."""
-    titles = [title_of(r) for r in rows if r["attack"] not in ("clean", "worst-case")
-              and r["budget"] == budget]
-    worst = ["worst-case"] if any(r["attack"] == "worst-case" and r["budget"] == budget
-                                  for r in rows) else []
+    """clean, every attack title at ``budget`` (config order), worst-case (and the worst case of
+    the hard-label subsample, when there is one)."""
+    special = ("clean", "worst-case", "worst-case-subsample")
+    titles = [title_of(r) for r in rows if r["attack"] not in special and r["budget"] == budget]
+    worst = [title for attack, title in (("worst-case", "worst-case"),
+                                         ("worst-case-subsample", SUBSAMPLE_WORST))
+             if any(r["attack"] == attack and r["budget"] == budget for r in rows)]
     return ["clean"] + list(dict.fromkeys(titles)) + worst
 
 
@@ -65,7 +69,7 @@ def main_table(rows: list[dict], ev, budget: float | None) -> str:
     by = _index(rows)
     defenses = list(dict.fromkeys((r["layer"], r["weighting"]) for r in rows
                                   if r["k"] in (ev.k, 0)))
-    head = [c if c in ("clean", "worst-case") else f"{c} {budget:g}" for c in cols]
+    head = [c if c in ("clean", "worst-case", SUBSAMPLE_WORST) else f"{c} {budget:g}" for c in cols]
     lines = [f"| defense | layer | {' | '.join(head)} |", "|---|---|" + "---:|" * len(cols)]
     for layer, rule in defenses:
         k = 0 if layer == "none" else ev.k
@@ -117,7 +121,8 @@ def attack_notes(attacks: list[dict]) -> list[str]:
     return notes
 
 
-def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str) -> str:
+def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str,
+                    sanity: dict | None = None, hard_label: dict | None = None) -> str:
     budget = headline_budget(ev, rows)
     databases = list(dict.fromkeys(r["database"] for r in rows))
     n = rows[0]["n"] if rows else 0
@@ -125,8 +130,11 @@ def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str) -> st
     for db in databases:
         db_rows = [r for r in rows if r["database"] == db]
         size = db_rows[0]["db_size"]
-        parts += [f"## Database {db}" + (f" ({size:,} images)" if size else ""), "",
-                  main_table(db_rows, ev, budget), ""]
+        parts += [f"## Database {db}" + (f" ({size:,} images)" if size else ""), ""]
+        if (sanity or {}).get(db, {}).get("flagged"):
+            parts += [f"> **Flagged**: sanity check(s) failed for this database: "
+                      f"{', '.join(sanity[db]['failed'])} (see Sanity checks below).", ""]
+        parts += [main_table(db_rows, ev, budget), ""]
     primary = [r for r in rows if r["database"] == databases[0]]
     for column in dict.fromkeys(title_of(r) for r in primary if r["budget"]):
         budgets = sorted({r["budget"] for r in primary if title_of(r) == column})
@@ -147,8 +155,37 @@ def markdown_report(rows: list[dict], attacks: list[dict], ev, title: str) -> st
     parts.append(f"Accuracy on {n} query images (K = {ev.k} unless stated), ± half-width of the "
                  "95% Wilson interval. Worst case: an image counts only if it is right when clean "
                  "and under every attack of that budget or a smaller one.")
+    if any(r["threat"] == "hard_label" for r in rows):
+        hn = next(r["n"] for r in rows if r["threat"] == "hard_label")
+        parts.append(f"Hard-label (HSJ) columns and the worst case of the hard-label subsample: "
+                     f"on a seeded subsample of {hn} of those images (its intervals are wider); "
+                     "the hard-label attack's images count into that worst case only.")
     parts += ["", "Attacks (checked after crafting):", *attack_notes(attacks)]
+    if hard_label:
+        parts += ["", hard_label_section(hard_label)]
     return "\n".join(parts) + "\n"
+
+
+def hard_label_section(hard_label: dict) -> str:
+    """Per hard-label attack and classifier: queries, achieved and minimal Δ, cost."""
+    lines = ["### Hard-label attack (HopSkipJump, labels only, on the deployed classifiers)", "",
+             "| attack | classifier | images attacked | broken at max queries | median queries to "
+             "success | achieved Δ (broken) | median minimal Δ found | queries per image | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, records in hard_label.items():
+        for r in records:
+            who = "no defense" if r["classifier"] == "none" else \
+                f"{r['classifier']} {WEIGHTING_NAMES.get(r['weighting'], r['weighting'])} K={r['k']}"
+            fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"| {label} @{r['budget']:g} | {who} | {r['attacked']} of {r['images']} | "
+                         f"{r['broken_at_max']} | {fmt(r['median_queries_to_success'], '.0f')} | "
+                         f"{fmt(r['achieved_l2_mean'], '.4f')} | {fmt(r['min_norm_median'], '.4f')} | "
+                         f"{r['queries_per_image']:,} | {r['seconds']:.0f} |")
+    lines += ["", "Images not attacked were misclassified when clean. Queries are counted per image "
+              "and call (the batch runs in lockstep, so a broken image keeps being charged); an "
+              "image counts as broken only if its adversarial image, rounded to 8-bit levels, is "
+              "still misclassified within the budget."]
+    return "\n".join(lines)
 
 
 def database_table(rows: list[dict], ev, budget) -> str:
@@ -178,7 +215,8 @@ def write_csv(path: Path, data: list[dict]) -> None:
 
 
 def write_report(out_dir: str | os.PathLike, rows: list[dict], attacks: list[dict], ev,
-                 title: str = "evaluation", note: str | None = None) -> dict:
+                 title: str = "evaluation", note: str | None = None, sanity: dict | None = None,
+                 hard_label: dict | None = None) -> dict:
     """results.csv (every cell), attacks.csv (every set), results.md (tables) and plots.
     ``note``: a paragraph under the title (e.g. how many queries decontamination excluded)."""
     from pipeline.evaluate.claims import claims_report
@@ -188,147 +226,23 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict], attacks: list[dic
     write_csv(out / "results.csv", rows)
     if attacks:
         write_csv(out / "attacks.csv", attacks)
-    md = markdown_report(rows, attacks, ev, title)
+    md = markdown_report(rows, attacks, ev, title, sanity, hard_label)
     if note:
         head, _, rest = md.partition("\n\n")
         md = f"{head}\n\n{note}\n\n{rest}"
     claims = claims_report(rows, ev, headline_budget(ev, rows))
     if claims["markdown"]:
         md += "\n" + claims["markdown"]
+    if sanity:
+        from pipeline.evaluate.sanity import markdown as sanity_markdown
+
+        md += "\n" + sanity_markdown(sanity)
     (out / "results.md").write_text(md)
+    from pipeline.evaluate.plots import write_plots
+
     plots = write_plots(out, rows, ev)
     from pipeline.layout import write_json
 
-    write_json(out / "claims.json", claims["claims"])
-    return {"markdown": md, "plots": plots, "claims": claims["claims"]}
-
-
-# --- plots -------------------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _series(rows, **match):
-    return [r for r in rows if all(r[k] == v for k, v in match.items())]
-
-
-def _err(sel):
-    acc = np.array([r["accuracy"] for r in sel])
-    return acc, np.array([[a - r["ci95_low"], r["ci95_high"] - a] for a, r in zip(acc, sel, strict=True)]).T.clip(min=0)
-
-
-def write_plots(out: Path, rows: list[dict], ev) -> list[str]:
-    plt = _plt()
-    budget = headline_budget(ev, rows)
-    databases = list(dict.fromkeys(r["database"] for r in rows))
-    primary = [r for r in rows if r["database"] == databases[0]]
-    rule = ev.weightings[-1]
-    layers = [x for x in dict.fromkeys(r["layer"] for r in primary) if x != "none"]
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
-
-    # bar chart: every defense under clean / each attack at the headline budget
-    cols = _columns(primary, budget)
-    by = _index(primary)
-    defenses = list(dict.fromkeys((r["layer"], r["weighting"]) for r in primary))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(defenses) + 2), 4))
-    width = 0.8 / len(cols)
-    xs = np.arange(len(defenses))
-    for i, c in enumerate(cols):
-        hits = [_cell(by, c, budget, layer, w, 0 if layer == "none" else ev.k) for layer, w in defenses]
-        acc = np.array([h["accuracy"] if h else np.nan for h in hits])
-        ax.bar(xs + i * width, acc, width, label=c)
-    ax.set_xticks(xs + width * (len(cols) - 1) / 2,
-                  [defense_name(layer, w) if layer == "none" else f"{layer}\n{WEIGHTING_NAMES[w]}"
-                   for layer, w in defenses], fontsize=7)
-    ax.set(ylabel="top-1 accuracy", ylim=(0, 1),
-           title=f"accuracy by defense{f' (budget {budget:g})' if budget else ''}")
-    ax.legend(fontsize=7)
-    save(fig, "accuracy.png")
-
-    sweeps = [t for t in dict.fromkeys(title_of(r) for r in primary if r["budget"] and aimed(r))
-              if len({r["budget"] for r in primary if title_of(r) == t}) > 1]
-    if sweeps:
-        fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.8), squeeze=False)
-        for ax, t in zip(axes[0], sweeps, strict=True):
-            for layer in ["none", *layers]:
-                w = "-" if layer == "none" else rule
-                sel = sorted([r for r in primary if title_of(r) == t and r["layer"] == layer and aimed(r)
-                              and r["weighting"] == w and r["k"] in (0, ev.k)], key=lambda r: r["budget"])
-                clean = _series(primary, attack="clean", layer=layer, weighting=w, k=0 if layer == "none" else ev.k)
-                sel = clean + sel
-                acc, err = _err(sel)
-                ax.errorbar([r["budget"] for r in sel], acc, yerr=err, marker="o", capsize=2,
-                            label=defense_name(layer, w) + ("" if layer == "none" else f" {layer}"))
-            ax.set(xlabel="budget Δ = ||x*-x|| / ||x||", ylabel="top-1 accuracy", ylim=(0, 1), title=t)
-        axes[0][0].legend(fontsize=7)
-        save(fig, "acc_vs_budget.png")
-
-    def per_layer_panels(conds, pick, x_key, xlabel, title, name):
-        """One panel per condition: accuracy (95% CI) against ``x_key`` on a log axis, a line
-        per layer; ``pick(cond, layer)`` selects the rows."""
-        fig, axes = plt.subplots(1, len(conds), figsize=(4.5 * len(conds), 3.8), squeeze=False)
-        for ax, c in zip(axes[0], conds, strict=True):
-            for layer in layers:
-                sel = sorted(pick(c, layer), key=lambda r: r[x_key])
-                acc, err = _err(sel)
-                ax.errorbar([r[x_key] for r in sel], acc, yerr=err, marker="o", capsize=2, label=layer)
-            ax.set_xscale("log")
-            ax.set(xlabel=xlabel, ylabel="top-1 accuracy", ylim=(0, 1), title=title(c))
-        axes[0][0].legend(fontsize=7)
-        save(fig, name)
-
-    if len(ev.all_ks) > 1 and layers:
-        per_layer_panels(
-            [c for c in ("clean", "PGD gray") if any(title_of(r) == c for r in primary)],
-            lambda c, layer: [r for r in primary if title_of(r) == c and r["layer"] == layer
-                              and r["weighting"] == rule and r["budget"] in (0.0, budget)],
-            "k", "K (neighbours)",
-            lambda c: f"{c}{'' if c == 'clean' else f' {budget:g}'} ({WEIGHTING_NAMES[rule]})",
-            "acc_vs_k.png")
-
-    if len(layers) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for c in cols:
-            hits = [_cell(by, c, budget, layer, rule, ev.k) for layer in layers]
-            ax.plot(layers, [h["accuracy"] if h else np.nan for h in hits], marker="o", label=c)
-        ax.set(xlabel="layer", ylabel="top-1 accuracy", ylim=(0, 1),
-               title=f"kNN {WEIGHTING_NAMES[rule]} by layer (K={ev.k}, budget {budget:g})")
-        ax.legend(fontsize=7)
-        save(fig, "acc_vs_layer.png")
-
-    if len(databases) > 1 and layers:
-        per_layer_panels(
-            [c for c in cols if c in ("clean", "PGD gray", "worst-case")],
-            lambda c, layer: [r for r in rows if title_of(r) == c and r["layer"] == layer
-                              and r["weighting"] == rule and r["k"] == ev.k
-                              and r["budget"] in (0.0, budget) and not r["target_layer"]],
-            "db_size", "database size N (images)",
-            lambda c: f"{c} ({WEIGHTING_NAMES[rule]}, K={ev.k})", "acc_vs_dbsize.png")
-
-    white = [c for c in cols if c.endswith(" white")]
-    if white and layers:
-        shown = [c for c in cols if c != "clean"]
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(layers) + 2), 4))
-        width = 0.8 / len(shown)
-        xs = np.arange(len(layers))
-        for i, c in enumerate(shown):
-            hits = [_cell(by, c, budget, layer, rule, ev.k) for layer in layers]
-            ax.bar(xs + i * width, [h["accuracy"] if h else np.nan for h in hits], width, label=c)
-        ax.set_xticks(xs + width * (len(shown) - 1) / 2, layers)
-        ax.set(ylabel="top-1 accuracy", ylim=(0, 1),
-               title=f"gray/black-box vs defense-aware attacks (kNN {WEIGHTING_NAMES[rule]}, {budget:g})")
-        ax.legend(fontsize=7)
-        save(fig, "whitebox.png")
-    return written
+    # the paper's claims (C1-C5) and, beside them, the sanity checks per database
+    write_json(out / "claims.json", {**claims["claims"], **({"sanity": sanity} if sanity else {})})
+    return {"markdown": md, "plots": plots, "claims": claims["claims"], "sanity": sanity}

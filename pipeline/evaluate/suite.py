@@ -25,15 +25,18 @@ from pipeline.attacks.knn_aware import (
 )
 from pipeline.attacks.pgd import pgd_l2
 from pipeline.attacks.projection import normalised_l2, project_minimal
-from pipeline.config import WHITE_BOX_ATTACKS
+from pipeline.config import CONTROL_ATTACKS, HARD_LABEL_ATTACKS, WHITE_BOX_ATTACKS
 
 ATTACK_NAMES = {"pgd": "PGD", "fgsm": "FGSM", "ifgsm": "I-FGSM", "cw": "CW-L2", "pgd_pr": "PGD-PR",
-                "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN"}
-THREAT_NAMES = {"gray_box": "gray", "black_box": "black", "white_box": "white"}
+                "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN",
+                "noise": "random noise", "hsj": "HSJ"}
+THREAT_NAMES = {"gray_box": "gray", "black_box": "black", "white_box": "white", "random": "",
+                "hard_label": "hard-label"}
 
 
 def attack_title(attack: str, threat: str) -> str:
-    """Short column title: 'PGD gray', 'PGD-PR white', 'min-norm kNN k05 white' (tagged)."""
+    """Short column title: 'PGD gray', 'PGD-PR white', 'min-norm kNN k05 white' (tagged),
+    'HSJ 1k hard-label' (the hard-label attack at 1,000 queries)."""
     name, _, tag = attack.partition(".")
     return " ".join(filter(None, (ATTACK_NAMES[name], tag, THREAT_NAMES[threat])))
 
@@ -72,9 +75,12 @@ class AttackSet:
 
 
 def plan_sets(attacks, layers: list[str]) -> list[AttackSet]:
-    """Every adversarial set the suite makes, in config order."""
+    """Every adversarial set the suite makes, in config order (random noise and the hard-label
+    attack are evaluated otherwise: draw by draw, and per classifier)."""
     sets = []
     for spec in attacks:
+        if spec.name in CONTROL_ATTACKS + HARD_LABEL_ATTACKS:
+            continue
         targets = (spec.layers or layers) if spec.name in WHITE_BOX_ATTACKS else [None]
         for budget in spec.budgets:
             sets.extend(AttackSet(spec, budget, layer) for layer in targets)
@@ -154,7 +160,8 @@ def _craft_batch(ctx: AttackContext, aset: AttackSet, x, y, gen, start: int):
         return _white_box(ctx, aset, x, y, gen), {}
     model = ctx.source_model(spec.threat)
     if spec.name == "pgd":
-        return pgd_l2(model, x, y, budget, spec.steps, spec.step_size, spec.random_start, gen), {}
+        return pgd_l2(model, x, y, budget, spec.steps, spec.step_size, spec.random_start, gen,
+                      schedule=spec.schedule, restarts=spec.restarts), {}
     if spec.name == "fgsm":
         return fgsm_l2(model, x, y, budget, fill_budget=True), {}
     if spec.name == "ifgsm":
