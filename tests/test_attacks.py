@@ -56,3 +56,24 @@ def test_pgd_random_start_is_reproducible_and_feasible(trained_small_model):
                generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert (normalised_l2(a, x) <= 0.06 + 1e-6).all()
+
+
+def test_pgd_cosine_schedule_fills_the_budget_and_restarts_only_add_loss(trained_small_model):
+    from pipeline.attacks.pgd import step_sizes
+
+    sizes = step_sizes(10)
+    assert sizes[0] == 1.0 and all(a > b for a, b in zip(sizes, sizes[1:], strict=False)) and sizes[-1] < 0.03
+    assert step_sizes(10, "constant") == [0.25] * 10
+    images, labels = synthetic_images(64, seed=2)
+    x, y = images_to_tensor(images[..., None]), torch.as_tensor(labels)
+    one = pgd_l2(trained_small_model, x, y, 0.06, 10)
+    assert normalised_l2(one, x).mean() >= 0.98 * 0.06
+    assert (normalised_l2(one, x) <= 0.06 + 1e-6).all()
+    three = pgd_l2(trained_small_model, x, y, 0.06, 10, restarts=3,
+                   generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        l1 = loss(trained_small_model(one), y, reduction="none")
+        l3 = loss(trained_small_model(three), y, reduction="none")
+    assert (l3 >= l1 - 1e-5).all()  # the first run is the plain one; the best run is kept
+    assert (normalised_l2(three, x) <= 0.06 + 1e-6).all()

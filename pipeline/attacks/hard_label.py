@@ -117,7 +117,8 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
     ``min_norm`` [N] (smallest normalised L2 of any adversarial input seen, inf if none),
     ``queries_to_success`` [N] (queries until the first in-budget adversarial input, inf if
     never; 0 for images misclassified when clean), ``attacked`` [N] (clean-correct and a start
-    was found), and the ``queries`` actually spent per attacked image (max over batches)."""
+    was found), the ``queries`` actually spent per attacked image (max over batches) and the
+    ``adversarial`` images counted at the largest budget (the image itself where none)."""
     import foolbox as fb
 
     x = to_8bit(x.detach().float())
@@ -133,6 +134,7 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
     achieved = np.full((nq, n), np.nan)
     min_norm = np.full(n, np.inf)
     to_success = np.where(clean_ok.numpy(), np.inf, 0.0)
+    adversarial = x.clone()  # the counted 8-bit image at the largest budget (x where none)
     spent = 0
     idx_all = torch.nonzero(attacked)[:, 0]
     for b0 in range(0, len(idx_all), batch_size):
@@ -161,13 +163,15 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
             correct[qi, idx.numpy()] = (~broken_any).numpy()
             achieved[qi, idx[broken_any].numpy()] = normalised_l2(
                 counted[broken_any], xb[broken_any]).numpy()
+        adversarial[idx] = counted
         min_norm[idx.numpy()] = tracker.best_norm.numpy()
         to_success[idx.numpy()] = tracker.first_success.numpy()
         if progress is not None:
             progress.update(len(idx))
     return {"correct": correct, "achieved": achieved, "min_norm": min_norm,
             "queries_to_success": to_success, "attacked": attacked.numpy(),
-            "clean_correct": clean_ok.numpy(), "queries": spent, "query_budgets": query_budgets}
+            "clean_correct": clean_ok.numpy(), "queries": spent, "query_budgets": query_budgets,
+            "adversarial": adversarial.numpy()}
 
 
 def _count_8bit(labels_fn, x, y, best, best_norm, budget) -> tuple[torch.Tensor, torch.Tensor]:

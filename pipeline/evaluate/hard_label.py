@@ -83,6 +83,8 @@ def run_hard_label(out: Path, spec, x: torch.Tensor, y: torch.Tensor, db, model,
                                    initial_gradient_evals=spec.initial_gradient_evals,
                                    batch_size=spec.batch_size, seed=ev.seed, progress=bar)
             result = {k: np.asarray(v) for k, v in result.items()}
+            # the counted images, as serve would receive them (8-bit)
+            result["adversarial"] = np.round(result["adversarial"] * 255).astype(np.uint8)
             stats = summary(result, time.time() - t)
             save_npz(path, stats=json.dumps(stats), **result)
         records.append({"defense": defense, "images": images, "correct": result["correct"],
