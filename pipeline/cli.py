@@ -174,6 +174,10 @@ def evaluate(job_yaml, address, num_cpus, sets, no_progress, quiet):
     click.echo(f"experiment {exp.name}: {result['sets_crafted']} adversarial set(s) crafted, "
                f"{result['cells_evaluated']} cell(s) evaluated now (the rest reused); outputs in "
                f"{exp.output_dir}")
+    failed = {db: s["failed"] for db, s in (result.get("sanity") or {}).items() if s["failed"]}
+    if failed:
+        click.echo("sanity checks failed (tables flagged): " + "; ".join(
+            f"{db}: {', '.join(names)}" for db, names in failed.items()))
 
 
 @main.command()

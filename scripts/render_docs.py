@@ -133,8 +133,10 @@ DEMO_CSV = ROOT / "docs" / "demo_results.csv"
 # pipeline/evaluate/suite.py's column titles and pipeline's weighting names (kept here so that
 # rendering the docs imports nothing of the package)
 ATTACK_TITLES = {"pgd": "PGD", "fgsm": "FGSM", "ifgsm": "I-FGSM", "cw": "CW-L2", "pgd_pr": "PGD-PR",
-                 "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN"}
-THREAT_TITLES = {"gray_box": "gray", "black_box": "black", "white_box": "white"}
+                 "pgd_fs": "PGD-FS", "adaptive": "adaptive", "min_norm": "min-norm kNN",
+                 "noise": "random noise", "hsj": "HSJ"}
+THREAT_TITLES = {"gray_box": "gray", "black_box": "black", "white_box": "white", "random": "",
+                 "hard_label": "hard-label"}
 WEIGHTING_TITLES = {"uw": "UW", "cbw_e": "CBW-E", "cbw_d": "CBW-D"}
 
 
@@ -240,16 +242,70 @@ def _cell(text: str) -> tuple[float, float] | None:
 FM = ROOT / "docs" / "fm_results.md"
 
 
-def _fm_headline() -> tuple[list[str], list[tuple[str, list]]]:
+# columns of the 60k table that have their own tables (the hard-label attack on a subsample, the
+# sanity checks' extra sets) rather than the headline one
+NOT_HEADLINE = re.compile(r"hard-label|random noise|converged|unbounded")
+
+
+def _fm_table(keep=lambda col: True) -> tuple[list[str], list[tuple[str, list]]]:
     """The 60k database table, rows no defense and CBW-D: (column titles, [(name, cells)])."""
     header, rows = _md_table(FM, "## Database demo (60,000 images)")
     cols = [re.sub(r" 0\.06$", "", h) for h in header[2:]]
+    picked = [j for j, c in enumerate(cols) if keep(c)]
     out = []
     for row in rows:
         if row[0] in ("no defense", "kNN CBW-D"):
             name = row[0] if row[0] == "no defense" else f"{row[0]} {row[1]}"
-            out.append((name, [_cell(c) for c in row[2:]]))
-    return cols, out
+            out.append((name, [_cell(row[2 + j]) for j in picked]))
+    return [cols[j] for j in picked], out
+
+
+def _fm_headline() -> tuple[list[str], list[tuple[str, list]]]:
+    return _fm_table(lambda c: not NOT_HEADLINE.search(c))
+
+
+def _fm_hard_label_stats() -> dict[str, dict]:
+    """The report's hard-label section: classifier -> its row (queries, achieved Δ, ...)."""
+    header, rows = _md_table(FM, "### Hard-label attack (HopSkipJump, labels only, on the deployed classifiers)")
+    return {row[1]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+def fm_hard_label() -> str:
+    """Hard-label accuracy at each query budget beside gray-box PGD (full sample) and the
+    subsample's worst case, with the attack's queries and Δ, for each deployed classifier."""
+    cols, rows = _fm_table(lambda c: c in ("clean", "PGD gray", "worst-case") or "hard-label" in c)
+    stats = _fm_hard_label_stats()
+    hsj = [c for c in cols if c.startswith("HSJ")]
+    head = ["clean", "PGD gray", *[c.replace(" hard-label", "") for c in hsj], "worst case",
+            "worst case, subsample", "median queries to success", "achieved Δ", "median minimal Δ"]
+    lines = [f"| classifier | {' | '.join(head)} |", "|---|" + "---:|" * len(head)]
+    for name, cells in rows:
+        by = dict(zip(cols, cells, strict=True))
+        who = "no defense" if name == "no defense" else name.replace("kNN CBW-D ", "") + " CBW-D K=50"
+        st = stats.get(who, {})
+        text = ["–" if by.get(c) is None else f"{by[c][0]:.3f}" for c in
+                ("clean", "PGD gray", *hsj, "worst-case", "worst-case, hard-label subsample")]
+        text += [st.get("median queries to success", "–"), st.get("achieved Δ (broken)", "–"),
+                 st.get("median minimal Δ found", "–")]
+        lines.append(f"| {name} | {' | '.join(text)} |")
+    return "\n".join(lines) + "\n"
+
+
+def fm_sanity() -> str:
+    """The sanity checks of the 60k database (docs/fm_claims.json), one line each."""
+    checks = _claims()["sanity"]["demo"]["checks"]
+    lines = ["| check | result | comparisons outside noise |", "|---|---|---:|"]
+    for c in checks.values():
+        if c["status"] == "not run":
+            lines.append(f"| {c['check']} | not run | |")
+            continue
+        if "by_attack" in c:
+            v = next(iter(c["by_attack"].values()))
+            lines.append(f"| {c['check']} | {c['status']}: {v['hard_label']:.3f} vs PGD {v['pgd_gray']:.3f} "
+                         f"[{v['pgd_ci95'][0]:.3f}, {v['pgd_ci95'][1]:.3f}] on {v['images']} images | |")
+            continue
+        lines.append(f"| {c['check']} | **{c['status']}** | {c['violations']} of {c['compared']} |")
+    return "\n".join(lines) + "\n"
 
 
 def fm_headline() -> str:
@@ -298,10 +354,14 @@ def imagenet_budgets() -> str:
         out.append(f"| {label} | " + " | ".join(f"{_cell(c)[0]:.2f}" for c in sweep[0][2:]) + " |")
     transfer = dict(re.findall(r"^- pgd-black_box@([\d.]+): .*transfer rate ([\d.]+)",
                                IMAGENET.read_text(), re.M))
+    achieved = dict(re.findall(r"^- pgd-gray_box@([\d.]+): .*achieved normalised L2 mean ([\d.]+)",
+                               IMAGENET.read_text(), re.M))
     lines = ["| attack on Lite0 | " + " | ".join(("Δ " if i == 0 else "") + f"{float(b):.2f}"
                                               for i, b in enumerate(budgets)) + " |",
              "|---|" + "---:|" * len(budgets),
              f"| clean | {clean:.2f} |" + " |" * (len(budgets) - 1), *out,
+             "| PGD gray-box: achieved Δ ÷ budget | "
+             + " | ".join(f"{float(achieved[b]) / float(b):.3f}" for b in budgets) + " |",
              "| transfer rate of PGD (Lite2 → Lite0) | "
              + " | ".join(f"{float(transfer[b]):.2f}" for b in budgets) + " |"]
     return "\n".join(lines) + "\n"
@@ -309,6 +369,35 @@ def imagenet_budgets() -> str:
 
 def _claims() -> dict:
     return json.loads((ROOT / "docs" / "fm_claims.json").read_text())
+
+
+def _hsj_summary() -> str:
+    cols, rows = _fm_table(lambda c: "hard-label" in c and c.startswith("HSJ"))
+    last = cols[-1]
+    n = _hsj_images()
+    none = [cells[-1][0] for name, cells in rows if name == "no defense"][0]
+    knn = [cells[-1][0] for name, cells in rows if name != "no defense"]
+    return (f"at {last.split()[1]} queries per image it leaves {none:.2f} of {n} images to the "
+            f"undefended classifier and {_range(knn, '{:.2f}')} to the defended layers")
+
+
+def _hsj_images() -> int:
+    st = _fm_hard_label_stats()["no defense"]
+    return int(st["images attacked"].split(" of ")[1])
+
+
+def _sanity_summary() -> str:
+    checks = _claims()["sanity"]["demo"]["checks"]
+    flagging = {k: c for k, c in checks.items() if c.get("flags_table", True) and c["status"] != "not run"}
+    failed = [k for k, c in flagging.items() if c["status"] == "fail"]
+    return (f"{len(flagging) - len(failed)} of {len(flagging)} pass on the 60k database"
+            + (f" (failed: {', '.join(failed)})" if failed else ""))
+
+
+def _imagenet_pgd_fill() -> str:
+    achieved = re.findall(r"^- pgd-gray_box@([\d.]+): .*achieved normalised L2 mean ([\d.]+)",
+                          IMAGENET.read_text(), re.M)
+    return f"{min(float(a) / float(b) for b, a in achieved):.3f}–{max(float(a) / float(b) for b, a in achieved):.3f}"
 
 
 def _slope(fit: str) -> str:
@@ -445,6 +534,10 @@ NUMBERS = {
     "fm.worst-knn": lambda: _range(_fm_column("worst-case")),
     "fm.worst-none": lambda: _range(_fm_column("worst-case", defended=False)),
     "imagenet.ci": lambda: _range(_imagenet_halfwidths(), "{:.2f}"),
+    # the hard-label attack and the sanity checks (docs/fm_results.md, docs/fm_claims.json)
+    "fm.hsj-summary": lambda: _hsj_summary(),
+    "fm.sanity-summary": lambda: _sanity_summary(),
+    "in.pgd-fill": lambda: _imagenet_pgd_fill(),
     # the claims as data (docs/fm_claims.json)
     "fm.c1-knn": lambda: f"{_claims()['C1']['knn']:.3f}",
     "fm.c1-none": lambda: f"{_claims()['C1']['no_defense']:.3f}",
@@ -756,7 +849,8 @@ RENDERERS.update({"extraction-web": extraction_web, "extraction-web-short": extr
 
 RENDERERS.update({"demo": demo, "fm-headline": fm_headline, "store-agreement": store_agreement,
                   "index-build": index_build, "index-build-recall": index_build_recall,
-                  "imagenet-budgets": imagenet_budgets})
+                  "imagenet-budgets": imagenet_budgets, "fm-hard-label": fm_hard_label,
+                  "fm-sanity": fm_sanity})
 
 # -- decontamination (knn-defense decontaminate on the demo job: benchmarks/results/
 #    decontaminate_fashion_mnist.json) --

@@ -278,4 +278,5 @@ def evaluate_task(job_dir: str, num_threads: int | None = None, progress: bool =
 
     result = evaluate_job(job_dir, num_threads=num_threads, progress=progress)
     return {k: result[k] for k in ("num_queries", "query_skipped", "markdown", "sets_crafted",
-                                   "cells_evaluated", "attacks", "claims", "decontamination")}
+                                   "cells_evaluated", "attacks", "claims", "decontamination",
+                                   "sanity", "hard_label")}
