@@ -252,7 +252,9 @@ class PgdAttack(_TransferAttack):
     schedule: Literal["cosine", "constant"] = "cosine"
     step_size: Annotated[float, Field(gt=0)] | None = None  # relative to the budget
     random_start: bool = False
-    restarts: Annotated[int, Field(gt=0)] = 1  # runs after the first start from random points
+    # runs in all, each image keeping its best; every run after the first starts at a random
+    # point (the first too with random_start)
+    restarts: Annotated[int, Field(gt=0)] = 1
 
 
 class FgsmAttack(_TransferAttack):
@@ -287,7 +289,8 @@ class HopSkipJumpAttack(_Attack):
     name: Literal["hsj"] = "hsj"
     threat: Literal["hard_label"] = "hard_label"
     num_images: Annotated[int, Field(gt=0)] = 100
-    query_budgets: list[Annotated[int, Field(gt=0)]] = [1000, 5000, 10000]
+    # model queries per image; the first is spent on the starting point's label
+    query_budgets: list[Annotated[int, Field(gt=1)]] = [1000, 5000, 10000]
     initial_gradient_evals: Annotated[int, Field(gt=0)] = 100
     batch_size: Annotated[int, Field(gt=0)] = 100
 

@@ -277,7 +277,7 @@ def fm_hard_label() -> str:
     stats = _fm_hard_label_stats()
     hsj = [c for c in cols if c.startswith("HSJ")]
     head = ["clean", "PGD gray", *[c.replace(" hard-label", "") for c in hsj], "worst case",
-            "worst case, subsample", "median queries to success", "achieved Δ", "median minimal Δ"]
+            "worst case, subsample", "median queries to success (broken)", "achieved Δ", "median minimal Δ"]
     lines = [f"| classifier | {' | '.join(head)} |", "|---|" + "---:|" * len(head)]
     for name, cells in rows:
         by = dict(zip(cols, cells, strict=True))
@@ -285,7 +285,7 @@ def fm_hard_label() -> str:
         st = stats.get(who, {})
         text = ["–" if by.get(c) is None else f"{by[c][0]:.3f}" for c in
                 ("clean", "PGD gray", *hsj, "worst-case", "worst-case, hard-label subsample")]
-        text += [st.get("median queries to success", "–"), st.get("achieved Δ (broken)", "–"),
+        text += [st.get("median queries to success (broken)", "–"), st.get("achieved Δ (broken)", "–"),
                  st.get("median minimal Δ found", "–")]
         lines.append(f"| {name} | {' | '.join(text)} |")
     return "\n".join(lines) + "\n"

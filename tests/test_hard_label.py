@@ -81,6 +81,8 @@ def test_an_easy_decision_boundary_is_found_within_the_budget():
     r = hop_skip_jump(labels, x, y, 0.2, [50, 300], 2, pool=pool, seed=1)
     assert r["attacked"].all() and not r["correct"][-1].any()
     assert (r["min_norm"] < 0.1).all()
+    # the counted images are the minimal ones where they survive rounding, not the budget's
+    assert np.nanmedian(r["achieved"][-1]) < 0.15
 
 
 @pytest.mark.slow
@@ -122,3 +124,11 @@ def test_deployed_classifiers_of_a_job_resume_per_classifier(finished_job, tmp_p
         assert all(np.array_equal(a["correct"], b["correct"]) for a, b in zip(records, again, strict=True))
     finally:
         defense.close()
+
+
+def test_batch_is_capped_by_memory_at_imagenet_size():
+    from pipeline.attacks.hard_label import max_batch
+
+    assert max_batch(3 * 224 * 224, 10_000) <= 4
+    assert max_batch(28 * 28, 10_000) >= 100
+    assert max_batch(3 * 224 * 224, 1_000) >= max_batch(3 * 224 * 224, 10_000)

@@ -202,3 +202,15 @@ def test_grid_writes_noise_hard_label_and_sanity_and_resumes(toy, tmp_path, monk
     monkeypatch.setattr(hard_label, "hop_skip_jump", lambda *a, **k: pytest.fail("re-attacked"))
     again = _grid(toy, tmp_path, ev)
     assert again["sets_crafted"] == 0 and again["sanity"] == json.loads(json.dumps(r["sanity"]))
+
+
+def test_hard_label_series_are_per_classifier():
+    images = np.arange(0, N, 4)
+    series = []
+    for d, accs in ((NONE, (0.2, 0.5)), (KNN, (0.3, 0.6))):
+        for a, q in zip(accs, (1000, 5000), strict=True):
+            meta = {"condition": f"hsj-hard_label@0.06/{q}", "attack": "hsj", "name": "hsj", "tag": None,
+                    "threat": "hard_label", "target_layer": "", "budget": 0.06, "queries": q}
+            series.append(Outcome(meta, [d], correct(a, len(images))[None], images))
+    c = checks(series)["checks"]["budget_monotone"]
+    assert c["compared"] == 2 and c["violations"] == 2

@@ -106,6 +106,20 @@ def starting_points(labels_fn, x, y, pool: torch.Tensor) -> tuple[torch.Tensor, 
     return pool[nearest].clone(), found
 
 
+MEMORY_BYTES = 4 * 2**30  # what one gradient estimate's probes may take
+
+
+def max_batch(pixels: int, max_queries: int, initial_evals: int = 100) -> int:
+    """Images per lockstep batch whose gradient estimate fits MEMORY_BYTES. foolbox draws a
+    step's probes at once, as ~5 float32 tensors of [evals, batch, pixels], and the evals grow
+    as initial * sqrt(step); the last step within ``max_queries`` bounds them (the steps' evals
+    sum to ~2/3 * initial * steps^1.5). At 224 px and 10k queries that is 2 images a batch; at
+    28 px, hundreds."""
+    steps = max(1.0, (1.5 * max_queries / initial_evals) ** (2 / 3))
+    evals = min(max_queries, initial_evals * math.sqrt(steps + 1))
+    return max(1, int(MEMORY_BYTES // (5 * evals * pixels * 4)))
+
+
 def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
                   query_budgets: list[int], num_classes: int, *, pool: torch.Tensor | None = None,
                   initial_gradient_evals: int = 100, batch_size: int = 100, seed: int = 0,
@@ -124,6 +138,7 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
     x = to_8bit(x.detach().float())
     y = y.long()
     query_budgets = sorted(query_budgets)
+    batch_size = min(batch_size, max_batch(x[0].numel(), query_budgets[-1], initial_gradient_evals))
     n, nq = len(x), len(query_budgets)
     clean_ok = torch.as_tensor(np.asarray(labels_fn(x)), dtype=torch.long) == y
     pool = x if pool is None else to_8bit(pool.float())
@@ -175,10 +190,11 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
 
 
 def _count_8bit(labels_fn, x, y, best, best_norm, budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which images' adversarial inputs survive 8-bit rounding within the budget. Two tries,
-    two queries per image: the perturbation pushed out along its direction to the budget's
-    sphere and rounded towards the image (norm never above the budget), then the minimal
-    perturbation rounded to the nearest levels (kept only if it stays within the budget)."""
+    """Which images' adversarial inputs survive 8-bit rounding within the budget. Up to two
+    queries per image: the minimal perturbation rounded to the nearest levels (kept if it stays
+    within the budget and adversarial), else the perturbation pushed out along its direction
+    to the budget's sphere and rounded towards the image (its norm cannot grow): a minimal
+    image sits on the decision boundary, where rounding alone flips about half back."""
     broken = torch.zeros(len(x), dtype=torch.bool)
     image = x.clone()
     usable = best_norm <= budget
@@ -189,7 +205,7 @@ def _count_8bit(labels_fn, x, y, best, best_norm, budget) -> tuple[torch.Tensor,
     scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (x.dim() - 1))
     pushed = _toward_zero_8bit(x, (x + delta * scale).clamp(0, 1))
     nearest = to_8bit(best)
-    for cand in (pushed, nearest):
+    for cand in (nearest, pushed):
         ok = usable & ~broken & (normalised_l2(cand, x) <= budget * (1 + 1e-6))
         if not ok.any():
             continue

@@ -517,17 +517,23 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
                             preds_by_cond[s["condition"]] == labels[None]) for s in set_stats]
         for spec in (a for a in ev.attacks if a.name in CONTROL_ATTACKS):
             for budget in spec.budgets:
-                fraction = noise_cell(out, db, spec, budget, x, ctx.model, db_defenses, labels,
-                                      ev.seed, f"{context_fp}{grid_fp}", progress)
-                evaluated += 1
+                fraction, computed = noise_cell(out, db, spec, budget, x, ctx.model, db_defenses,
+                                                labels, ev.seed, f"{context_fp}{grid_fp}", progress)
+                evaluated += computed
                 meta = {"condition": f"noise-random@{budget:g}", "attack": spec.label,
                         "name": "noise", "tag": spec.tag, "threat": "random",
                         "target_layer": "", "budget": budget, "draws": spec.draws}
                 outcomes.append(Outcome(meta, db_defenses, fraction))
                 rows.extend(fraction_rows(db_fields, meta, db_defenses, fraction))
-        if db is databases[0]:  # the hard-label attack runs on the job's own database only
+        # the hard-label attack runs on the grid's first database only (the job's own, unless
+        # the experiment leaves it out): it costs a forward pass and a search per query
+        if db is databases[0]:
             for spec in (a for a in ev.attacks if a.name in HARD_LABEL_ATTACKS):
-                set_fp = _hash(spec.model_dump(exclude={"batch_size"}), context_fp, db.fingerprint)
+                # what its answers depend on: the images, the classifiers (database, vote
+                # settings) and the attack; not the other attackers' models or databases.
+                # batch_size too: the batch runs in lockstep, so it changes the queries.
+                set_fp = _hash(spec.model_dump(), queries["keys"], labels.tolist(), ev.seed,
+                               ev.cbw_d.model_dump(), db.fingerprint)
                 records = run_hard_label(out, spec, x, y, db, ctx.model, layers, ev, set_fp,
                                          num_classes, progress)
                 hard_label[spec.label] = [{**r["stats"], "classifier": r["defense"][0],
@@ -566,14 +572,15 @@ def set_meta(stats: dict, aset) -> dict:
 
 def noise_cell(out: Path, db, spec, budget: float, x: torch.Tensor, model, defenses: list[tuple],
                labels: np.ndarray, seed: int, context: str, progress: bool) -> np.ndarray:
-    """Fraction of ``spec.draws`` random-noise draws each defense gets right, per image [D, N].
-    The draws are regenerated from their seeds, never stored; the cell is written once."""
+    """(Fraction of ``spec.draws`` random-noise draws each defense gets right, per image [D, N],
+    whether it was computed now). The draws are regenerated from their seeds, never stored; the
+    cell is written once."""
     fp = _hash(spec.model_dump(exclude={"batch_size", "budget"}), budget, seed, context,
                db.fingerprint)
     path = out / "cells" / db.label / f"noise-random@{budget:g}-{fp}.npz"
     if path.is_file():
         with np.load(path) as saved:
-            return saved["fraction"]
+            return saved["fraction"], False
     correct = np.zeros((len(defenses), len(x)), dtype=np.int32)
     for draw in tqdm(range(spec.draws), desc=f"noise@{budget:g} ({db.label})", unit="draw",
                      disable=not progress):
@@ -582,7 +589,7 @@ def noise_cell(out: Path, db, spec, budget: float, x: torch.Tensor, model, defen
         correct += predict_defenses(db.defense, model, images, defenses) == labels[None]
     fraction = correct / spec.draws
     save_npz(path, fraction=fraction, draws=spec.draws)
-    return fraction
+    return fraction, True
 
 
 def fraction_rows(db_fields: dict, meta: dict, defenses: list[tuple], fraction: np.ndarray) -> list[dict]:

@@ -170,7 +170,8 @@ def hard_label_section(hard_label: dict) -> str:
     """Per hard-label attack and classifier: queries, achieved and minimal Δ, cost."""
     lines = ["### Hard-label attack (HopSkipJump, labels only, on the deployed classifiers)", "",
              "| attack | classifier | images attacked | broken at max queries | median queries to "
-             "success | achieved Δ (broken) | median minimal Δ found | queries per image | seconds |",
+             "success (broken) | achieved Δ (broken) | median minimal Δ found | queries per image | "
+             "seconds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, records in hard_label.items():
         for r in records:
@@ -181,10 +182,14 @@ def hard_label_section(hard_label: dict) -> str:
                          f"{r['broken_at_max']} | {fmt(r['median_queries_to_success'], '.0f')} | "
                          f"{fmt(r['achieved_l2_mean'], '.4f')} | {fmt(r['min_norm_median'], '.4f')} | "
                          f"{r['queries_per_image']:,} | {r['seconds']:.0f} |")
-    lines += ["", "Images not attacked were misclassified when clean. Queries are counted per image "
-              "and call (the batch runs in lockstep, so a broken image keeps being charged); an "
+    lines += ["", "Images not attacked were misclassified when clean (broken at 0 queries) or had "
+              "no image of another label to start from (robust at every budget). Queries are "
+              "counted per image and call (the batch runs in lockstep, so a broken image keeps "
+              "being charged; the starting point's label is one query; labelling the pool of "
+              "starting points and the up to two 8-bit checks per budget are not counted); an "
               "image counts as broken only if its adversarial image, rounded to 8-bit levels, is "
-              "still misclassified within the budget."]
+              "still misclassified within the budget. Median queries to success is over the "
+              "broken images; achieved Δ is the counted 8-bit images' mean."]
     return "\n".join(lines)
 
 

@@ -105,8 +105,9 @@ def budget_monotone(outcomes: list[Outcome], clean: Outcome, defenses: list[tupl
         m = o.meta
         if m["name"] == "noise":
             continue
+        # a hard-label outcome holds one classifier: its series is per classifier, over queries
         key = (m["attack"], m["threat"], m.get("target_layer", ""),
-               m["budget"] if m.get("queries") else None)
+               (m["budget"], tuple(o.defenses)) if m.get("queries") else None)
         series.setdefault(key, []).append(o)
     compared, violations = 0, []
     for key, members in series.items():
@@ -257,8 +258,8 @@ def hard_label_validation(outcomes: list[Outcome]) -> dict:
     hard = [o for o in outcomes if o.meta["threat"] == "hard_label"]
     out = {}
     for h in hard:
-        if h.meta["queries"] != max(o.meta["queries"] for o in hard if o.meta["attack"].split(".")[0]
-                                    == h.meta["attack"].split(".")[0]):
+        if h.meta["queries"] != max(o.meta["queries"] for o in hard
+                                    if o.meta["attack"] == h.meta["attack"]):
             continue
         pgd = [o for o in outcomes if o.meta["name"] == "pgd" and o.meta["threat"] == "gray_box"
                and not o.meta.get("tag") and o.meta["budget"] == h.meta["budget"]]
