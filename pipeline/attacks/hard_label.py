@@ -190,11 +190,12 @@ def hop_skip_jump(labels_fn, x: torch.Tensor, y: torch.Tensor, budget: float,
 
 
 def _count_8bit(labels_fn, x, y, best, best_norm, budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which images' adversarial inputs survive 8-bit rounding within the budget. Up to two
-    queries per image: the minimal perturbation rounded to the nearest levels (kept if it stays
-    within the budget and adversarial), else the perturbation pushed out along its direction
-    to the budget's sphere and rounded towards the image (its norm cannot grow): a minimal
-    image sits on the decision boundary, where rounding alone flips about half back."""
+    """Which images' adversarial inputs survive 8-bit rounding within the budget. Up to four
+    queries per image: the minimal perturbation, then 1.1x and 1.5x it, rounded to the nearest
+    levels (each kept if it stays within the budget and adversarial), else the perturbation
+    pushed out along its direction to the budget's sphere and rounded towards the image (its
+    norm cannot grow): a minimal image sits on the decision boundary, where rounding alone
+    flips about half of them back."""
     broken = torch.zeros(len(x), dtype=torch.bool)
     image = x.clone()
     usable = best_norm <= budget
@@ -204,8 +205,9 @@ def _count_8bit(labels_fn, x, y, best, best_norm, budget) -> tuple[torch.Tensor,
     eps = budget * x.flatten(1).norm(dim=1)
     scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (x.dim() - 1))
     pushed = _toward_zero_8bit(x, (x + delta * scale).clamp(0, 1))
-    nearest = to_8bit(best)
-    for cand in (nearest, pushed):
+    # the minimal image, then a little further out, before the budget's sphere
+    stepped = [to_8bit((x + delta * f).clamp(0, 1)) for f in (1.0, 1.1, 1.5)]
+    for cand in (*stepped, pushed):
         ok = usable & ~broken & (normalised_l2(cand, x) <= budget * (1 + 1e-6))
         if not ok.any():
             continue

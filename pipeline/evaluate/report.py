@@ -186,7 +186,7 @@ def hard_label_section(hard_label: dict) -> str:
               "no image of another label to start from (robust at every budget). Queries are "
               "counted per image and call (the batch runs in lockstep, so a broken image keeps "
               "being charged; the starting point's label is one query; labelling the pool of "
-              "starting points and the up to two 8-bit checks per budget are not counted); an "
+              "starting points and the up to four 8-bit checks per budget are not counted); an "
               "image counts as broken only if its adversarial image, rounded to 8-bit levels, is "
               "still misclassified within the budget. Median queries to success is over the "
               "broken images; achieved Δ is the counted 8-bit images' mean."]
