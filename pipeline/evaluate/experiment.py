@@ -482,7 +482,7 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
     bar.close()
     defenses = defense_list(layers, ev.weightings, ev.all_ks) if layers else [NONE]
     grid_fp = _hash(context_fp, defenses, ev.cbw_d.model_dump())
-    rows, evaluated, hard_label, sanity = [], 0, {}, {}
+    rows, evaluated, hard_label, sanity, per_db = [], 0, {}, {}, {}
     specs_by_label = {s.label: s for s in sets}
     with torch.inference_mode():
         num_classes = int(ctx.model(x[:1]).shape[1])
@@ -525,39 +525,41 @@ def run_grid(out_dir: str | os.PathLike, ev: EvaluateSpec, queries: dict, ctx: A
                         "target_layer": "", "budget": budget, "draws": spec.draws}
                 outcomes.append(Outcome(meta, db_defenses, fraction))
                 rows.extend(fraction_rows(db_fields, meta, db_defenses, fraction))
-        # the hard-label attack runs on the grid's first database only (the job's own, unless
-        # the experiment leaves it out): it costs a forward pass and a search per query
-        if db is databases[0]:
-            for spec in (a for a in ev.attacks if a.name in HARD_LABEL_ATTACKS):
-                # what its answers depend on: the images, the classifiers (database, vote
-                # settings) and the attack; not the other attackers' models or databases.
-                # batch_size too: the batch runs in lockstep, so it changes the queries.
-                set_fp = _hash(spec.model_dump(), queries["keys"], labels.tolist(), ev.seed,
-                               ev.cbw_d.model_dump(), db.fingerprint)
-                records = run_hard_label(out, spec, x, y, db, ctx.model, layers, ev, set_fp,
-                                         num_classes, progress)
-                hard_label[spec.label] = [{**r["stats"], "classifier": r["defense"][0],
-                                           "weighting": r["defense"][1], "k": r["defense"][2],
-                                           "budget": spec.budgets[0]} for r in records]
-                rows.extend(hard_label_rows(records, spec, labels, db_fields))
-                budget = spec.budgets[0]
-                rows.extend(subsample_worst_case_rows(
-                    records, preds_by_cond["clean"],
-                    [preds_by_cond[s["condition"]] for s in set_stats if s["budget"] <= budget],
-                    db_defenses, labels, budget, db_fields))
-                for qi, q in enumerate(spec.query_budgets):
-                    meta = {"condition": f"{spec.label}-hard_label@{budget:g}/{q}",
-                            "attack": spec.label, "name": spec.name, "tag": spec.tag,
-                            "threat": "hard_label", "target_layer": "", "budget": budget,
-                            "queries": q}
-                    outcomes.extend(Outcome(meta, [r["defense"]], r["correct"][qi][None],
-                                            r["images"]) for r in records)
         checked = [d for d in db_defenses if d == NONE or d[2] == ev.k]
         clean = Outcome({"condition": "clean", "attack": "clean", "name": "clean", "tag": None,
                          "threat": "-", "target_layer": "", "budget": 0.0}, db_defenses,
                         preds_by_cond["clean"] == labels[None])
-        sanity[db.label] = sanity_checks(outcomes, clean, checked, num_classes,
-                                         headline_budget(ev, rows))
+        per_db[db.label] = (db, db_fields, db_defenses, preds_by_cond, outcomes, clean, checked)
+    # The hard-label attack last (every cheaper cell is on disk first), on the grid's first
+    # database only (the job's own, unless the experiment leaves it out): a forward pass and a
+    # search per query.
+    for spec in (a for a in ev.attacks if a.name in HARD_LABEL_ATTACKS):
+        db, db_fields, db_defenses, preds_by_cond, outcomes, _, _ = per_db[databases[0].label]
+        # what its answers depend on: the images, the classifiers (database, vote settings)
+        # and the attack; not the other attackers' models or databases. batch_size too: the
+        # batch runs in lockstep, so it changes the queries.
+        set_fp = _hash(spec.model_dump(), queries["keys"], labels.tolist(), ev.seed,
+                       ev.cbw_d.model_dump(), db.fingerprint)
+        records = run_hard_label(out, spec, x, y, db, ctx.model, layers, ev, set_fp,
+                                 num_classes, progress)
+        hard_label[spec.label] = [{**r["stats"], "classifier": r["defense"][0],
+                                   "weighting": r["defense"][1], "k": r["defense"][2],
+                                   "budget": spec.budgets[0]} for r in records]
+        rows.extend(hard_label_rows(records, spec, labels, db_fields))
+        budget = spec.budgets[0]
+        rows.extend(subsample_worst_case_rows(
+            records, preds_by_cond["clean"],
+            [preds_by_cond[s["condition"]] for s in set_stats if s["budget"] <= budget],
+            db_defenses, labels, budget, db_fields))
+        for qi, q in enumerate(spec.query_budgets):
+            meta = {"condition": f"{spec.label}-hard_label@{budget:g}/{q}", "attack": spec.label,
+                    "name": spec.name, "tag": spec.tag, "threat": "hard_label",
+                    "target_layer": "", "budget": budget, "queries": q}
+            outcomes.extend(Outcome(meta, [r["defense"]], r["correct"][qi][None], r["images"])
+                            for r in records)
+    for label, (_, _, _, _, outcomes, clean, checked) in per_db.items():
+        sanity[label] = sanity_checks(outcomes, clean, checked, num_classes,
+                                      headline_budget(ev, rows))
     return {"rows": rows, "attacks": set_stats, "sets_crafted": crafted, "cells_evaluated": evaluated,
             "num_queries": len(x), "hard_label": hard_label, "sanity": sanity}
 
