@@ -332,6 +332,11 @@ def _fm_halfwidths(worst_only: bool = False) -> list[float]:
             if c is not None and (not worst_only or cols[j] == "worst-case")]
 
 
+def _fm_halfwidths_of(keep) -> list[float]:
+    cols, rows = _fm_table(keep)
+    return [c[1] for _, cells in rows for c in cells if c is not None]
+
+
 def _imagenet_halfwidths() -> list[float]:
     return [float(m) for m in re.findall(r"±(\d\.\d+)", (ROOT / "docs" / "imagenet_results.md").read_text())]
 
@@ -394,10 +399,16 @@ def _sanity_summary() -> str:
             + (f" (failed: {', '.join(failed)})" if failed else ""))
 
 
+def _imagenet_main(column: str) -> float:
+    header, rows = _md_table(IMAGENET)
+    return _cell(rows[0][header.index(column)])[0]
+
+
 def _imagenet_pgd_fill() -> str:
     achieved = re.findall(r"^- pgd-gray_box@([\d.]+): .*achieved normalised L2 mean ([\d.]+)",
                           IMAGENET.read_text(), re.M)
-    return f"{min(float(a) / float(b) for b, a in achieved):.3f}–{max(float(a) / float(b) for b, a in achieved):.3f}"
+    lo, hi = (f(float(a) / float(b) for b, a in achieved) for f in (min, max))
+    return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}–{hi:.3f}"
 
 
 def _slope(fit: str) -> str:
@@ -536,8 +547,12 @@ NUMBERS = {
     "imagenet.ci": lambda: _range(_imagenet_halfwidths(), "{:.2f}"),
     # the hard-label attack and the sanity checks (docs/fm_results.md, docs/fm_claims.json)
     "fm.hsj-summary": lambda: _hsj_summary(),
+    "fm.hsj-images": lambda: str(_hsj_images()),
+    "fm.hsj-ci": lambda: _range(_fm_halfwidths_of(lambda c: c.startswith("HSJ")), "{:.2f}"),
     "fm.sanity-summary": lambda: _sanity_summary(),
     "in.pgd-fill": lambda: _imagenet_pgd_fill(),
+    "in.noise": lambda: f"{_imagenet_main('random noise 0.06'):.3f}",
+    "in.clean": lambda: f"{_imagenet_main('clean'):.3f}",
     # the claims as data (docs/fm_claims.json)
     "fm.c1-knn": lambda: f"{_claims()['C1']['knn']:.3f}",
     "fm.c1-none": lambda: f"{_claims()['C1']['no_defense']:.3f}",
