@@ -175,26 +175,34 @@ def random_noise(outcomes: list[Outcome], clean: Outcome, defenses: list[tuple],
                    per_defense=per_defense)
 
 
+def _compare(pairs, defenses: list[tuple], names: tuple[str, str]) -> tuple[int, list[dict]]:
+    """Each (first, second) pair of sets under each defense: how many comparisons were made, and
+    the violations, where the first set's accuracy is below the second's beyond paired noise
+    (each named by ``names``, with both accuracies)."""
+    compared, violations = 0, []
+    for first, second in pairs:
+        for d in defenses:
+            pair = _aligned(first, second, d)
+            if pair is None:
+                continue
+            compared += 1
+            bad, nums = lower_beyond_noise(pair[0], pair[1])
+            if bad:
+                violations.append({"defense": _name(d), names[0]: _title(first),
+                                   names[1]: _title(second),
+                                   f"accuracy_{names[0]}": round(float(pair[0].mean()), 4),
+                                   f"accuracy_{names[1]}": round(float(pair[1].mean()), 4), **nums})
+    return compared, violations
+
+
 def iterative_vs_single(outcomes: list[Outcome], defenses: list[tuple]) -> dict:
     """Iterative attacks (I-FGSM, PGD) are at least as strong as the single-step FGSM of the
     same threat and budget."""
-    fgsm = [o for o in outcomes if o.meta["name"] == "fgsm"]
-    compared, violations = 0, []
-    for f in fgsm:
-        iterative = [o for o in outcomes if o.meta["name"] in ("ifgsm", "pgd")
-                     and o.meta["threat"] == f.meta["threat"] and o.meta["budget"] == f.meta["budget"]]
-        for it in iterative:
-            for d in defenses:
-                pair = _aligned(f, it, d)
-                if pair is None:
-                    continue
-                compared += 1
-                bad, nums = lower_beyond_noise(pair[0], pair[1])  # FGSM below the iterative one
-                if bad:
-                    violations.append({"defense": _name(d), "single_step": _title(f),
-                                       "iterative": _title(it),
-                                       "accuracy_single_step": round(float(pair[0].mean()), 4),
-                                       "accuracy_iterative": round(float(pair[1].mean()), 4), **nums})
+    pairs = [(f, it) for f in outcomes if f.meta["name"] == "fgsm"
+             for it in outcomes if it.meta["name"] in ("ifgsm", "pgd")
+             and it.meta["threat"] == f.meta["threat"] and it.meta["budget"] == f.meta["budget"]]
+    # a violation: FGSM below the iterative attack
+    compared, violations = _compare(pairs, defenses, ("single_step", "iterative"))
     return _result("iterative attacks are at least as strong as single-step FGSM", compared,
                    violations, "FGSM and I-FGSM or PGD at one threat and budget")
 
@@ -203,25 +211,16 @@ def convergence(outcomes: list[Outcome], defenses: list[tuple]) -> dict:
     """PGD with >= 10x the steps and >= 5 restarts lowers accuracy by at most paired noise;
     where it does more, its (stronger) number is the one to report."""
     pgd = [o for o in outcomes if o.meta["name"] == "pgd"]
-    compared, violations, stronger = 0, [], {}
-    for base in pgd:
-        m = base.meta
-        strong = [o for o in pgd if o is not base and o.meta["threat"] == m["threat"]
-                  and o.meta["budget"] == m["budget"]
-                  and o.meta.get("steps", 0) >= 10 * m.get("steps", math.inf)
-                  and o.meta.get("restarts", 1) >= 5]
-        for s in strong:
-            for d in defenses:
-                pair = _aligned(s, base, d)
-                if pair is None:
-                    continue
-                compared += 1
-                bad, nums = lower_beyond_noise(pair[0], pair[1])
-                if bad:
-                    violations.append({"defense": _name(d), "pgd": _title(base), "stronger": _title(s),
-                                       "accuracy_pgd": round(float(pair[1].mean()), 4),
-                                       "accuracy_stronger": round(float(pair[0].mean()), 4), **nums})
-                    stronger.setdefault(_title(base), _title(s))
+    pairs = [(s, base) for base in pgd for s in pgd
+             if s is not base and s.meta["threat"] == base.meta["threat"]
+             and s.meta["budget"] == base.meta["budget"]
+             and s.meta.get("steps", 0) >= 10 * base.meta.get("steps", math.inf)
+             and s.meta.get("restarts", 1) >= 5]
+    # a violation: the converged run below the plain one
+    compared, violations = _compare(pairs, defenses, ("stronger", "pgd"))
+    stronger: dict[str, str] = {}
+    for v in violations:
+        stronger.setdefault(v["pgd"], v["stronger"])
     return _result("PGD with 10x the steps and 5 random restarts lowers accuracy by <= 1 pt "
                    "(within noise)", compared, violations,
                    "a PGD set with >= 10x the steps and restarts >= 5 beside a PGD set",
@@ -230,22 +229,11 @@ def convergence(outcomes: list[Outcome], defenses: list[tuple]) -> dict:
 
 def black_vs_gray(outcomes: list[Outcome], defenses: list[tuple]) -> dict:
     """A black-box (transfer) set is no stronger than the gray-box set of the same attack."""
-    compared, violations = 0, []
-    for black in (o for o in outcomes if o.meta["threat"] == "black_box"):
-        gray = [o for o in outcomes if o.meta["threat"] == "gray_box"
-                and o.meta["attack"] == black.meta["attack"] and o.meta["budget"] == black.meta["budget"]]
-        for g in gray:
-            for d in defenses:
-                pair = _aligned(black, g, d)
-                if pair is None:
-                    continue
-                compared += 1
-                bad, nums = lower_beyond_noise(pair[0], pair[1])  # black below gray
-                if bad:
-                    violations.append({"defense": _name(d), "black_box": _title(black),
-                                       "gray_box": _title(g),
-                                       "accuracy_black": round(float(pair[0].mean()), 4),
-                                       "accuracy_gray": round(float(pair[1].mean()), 4), **nums})
+    pairs = [(black, g) for black in outcomes if black.meta["threat"] == "black_box"
+             for g in outcomes if g.meta["threat"] == "gray_box"
+             and g.meta["attack"] == black.meta["attack"] and g.meta["budget"] == black.meta["budget"]]
+    # a violation: black-box below gray-box
+    compared, violations = _compare(pairs, defenses, ("black_box", "gray_box"))
     return _result("black-box is no stronger than gray-box", compared, violations,
                    "an attack run both gray-box and black-box at one budget")
 
