@@ -47,10 +47,8 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, st
     come with the gradients, so this costs one extra forward at the end). ``restarts`` > 1 runs
     the attack again from fresh random starts (the first run starts at ``x`` unless
     ``random_start``) and keeps, per image, the run with the highest loss. ``keep_best=False``
-    returns the last iterate (I-FGSM, as Kurakin et al. define it).
+    returns the last run's last iterate (I-FGSM, as Kurakin et al. define it).
     """
-    if not keep_best:
-        return _last_iterate(model, x, y, budget_eps(x, budget), step_sizes(steps, schedule, step_size))
     eps = budget_eps(x, budget)
     view = (-1,) + (1,) * (x.dim() - 1)
     sizes = step_sizes(steps, schedule, step_size)
@@ -61,27 +59,17 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, st
             noise = _unit(torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))
             radius = torch.rand(len(x), generator=generator, dtype=x.dtype).to(x.device) * eps
             x_adv = project_l2_box(x + noise * radius.view(view), x, eps)
-        for t in range(steps + 1):
+        # with keep_best, one forward more scores the final iterate (it has no step)
+        for t in range(steps + keep_best):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 losses = nn.functional.cross_entropy(model(x_adv), y, reduction="none")
                 grad = None if t == steps else torch.autograd.grad(losses.sum(), x_adv)[0]
             losses, x_adv = losses.detach(), x_adv.detach()
-            better = losses > best_loss
-            best_loss = torch.where(better, losses, best_loss)
-            best_x = torch.where(better.view(view), x_adv, best_x)
+            if keep_best:
+                better = losses > best_loss
+                best_loss = torch.where(better, losses, best_loss)
+                best_x = torch.where(better.view(view), x_adv, best_x)
             if grad is not None:
                 x_adv = project_l2_box(x_adv + (sizes[t] * eps).view(view) * _unit(grad), x, eps)
-    return best_x
-
-
-def _last_iterate(model, x, y, eps, sizes) -> torch.Tensor:
-    view = (-1,) + (1,) * (x.dim() - 1)
-    x_adv = x.clone()
-    for size in sizes:
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = nn.functional.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = project_l2_box(x_adv.detach() + (size * eps).view(view) * _unit(grad), x, eps)
-    return x_adv.detach()
+    return best_x if keep_best else x_adv

@@ -33,12 +33,13 @@ def claims_report(rows: list[dict], ev, budget: float | None) -> dict:
         return _acc([r for r in primary if title_of(r) == title], budget=budget, layer=layer,
                     weighting=weighting, k=0 if layer == "none" else k, target_layer=target)
 
+    pgd_gray_titles = sorted({title_of(r) for r in primary if r["attack"].split(".")[0] == "pgd"
+                              and r["threat"] == "gray_box" and r["budget"] == budget})
+
     def strongest_pgd(layer, weighting=rule):
         """PGD gray, or a stronger PGD gray set at the same budget (more steps, restarts: the
         convergence check's), whichever leaves less accuracy: the stronger number is reported."""
-        titles = {title_of(r) for r in primary if r["attack"].split(".")[0] == "pgd"
-                  and r["threat"] == "gray_box" and r["budget"] == budget}
-        accs = [a for a in (at(t, layer, weighting) for t in sorted(titles)) if a is not None]
+        accs = [a for a in (at(t, layer, weighting) for t in pgd_gray_titles) if a is not None]
         return min(accs) if accs else None
 
     gray = {layer: strongest_pgd(layer) for layer in layers}

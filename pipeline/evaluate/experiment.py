@@ -573,7 +573,8 @@ def set_meta(stats: dict, aset) -> dict:
 
 
 def noise_cell(out: Path, db, spec, budget: float, x: torch.Tensor, model, defenses: list[tuple],
-               labels: np.ndarray, seed: int, context: str, progress: bool) -> np.ndarray:
+               labels: np.ndarray, seed: int, context: str, progress: bool
+               ) -> tuple[np.ndarray, bool]:
     """(Fraction of ``spec.draws`` random-noise draws each defense gets right, per image [D, N],
     whether it was computed now). The draws are regenerated from their seeds, never stored; the
     cell is written once."""

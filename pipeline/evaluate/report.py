@@ -173,11 +173,13 @@ def hard_label_section(hard_label: dict) -> str:
              "success (broken) | achieved Δ (broken) | median minimal Δ found | queries per image | "
              "seconds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def fmt(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
     for label, records in hard_label.items():
         for r in records:
             who = "no defense" if r["classifier"] == "none" else \
                 f"{r['classifier']} {WEIGHTING_NAMES.get(r['weighting'], r['weighting'])} K={r['k']}"
-            fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
             lines.append(f"| {label} @{r['budget']:g} | {who} | {r['attacked']} of {r['images']} | "
                          f"{r['broken_at_max']} | {fmt(r['median_queries_to_success'], '.0f')} | "
                          f"{fmt(r['achieved_l2_mean'], '.4f')} | {fmt(r['min_norm_median'], '.4f')} | "

@@ -97,6 +97,26 @@ def _result(description: str, compared: int, violations: list[dict], needs: str 
             "violations": len(violations), "listed": violations[:MAX_LISTED], **extra}
 
 
+def _compare(pairs, defenses: list[tuple], names: tuple[str, str]) -> tuple[int, list[dict]]:
+    """Each (first, second) pair of sets under each defense: how many comparisons were made, and
+    the violations, where the first set's accuracy is below the second's beyond paired noise
+    (each named by ``names``, with both accuracies)."""
+    compared, violations = 0, []
+    for first, second in pairs:
+        for d in defenses:
+            pair = _aligned(first, second, d)
+            if pair is None:
+                continue
+            compared += 1
+            bad, nums = lower_beyond_noise(pair[0], pair[1])
+            if bad:
+                violations.append({"defense": _name(d), names[0]: _title(first),
+                                   names[1]: _title(second),
+                                   f"accuracy_{names[0]}": round(float(pair[0].mean()), 4),
+                                   f"accuracy_{names[1]}": round(float(pair[1].mean()), 4), **nums})
+    return compared, violations
+
+
 def budget_monotone(outcomes: list[Outcome], clean: Outcome, defenses: list[tuple]) -> dict:
     """Accuracy never rises with the budget (clean is budget 0), nor with the model queries of
     a hard-label attack, for every attack and defense."""
@@ -109,22 +129,14 @@ def budget_monotone(outcomes: list[Outcome], clean: Outcome, defenses: list[tupl
         key = (m["attack"], m["threat"], m.get("target_layer", ""),
                (m["budget"], tuple(o.defenses)) if m.get("queries") else None)
         series.setdefault(key, []).append(o)
-    compared, violations = 0, []
+    pairs = []
     for key, members in series.items():
         hard = key[3] is not None
         members = sorted(members, key=lambda o: o.meta["queries"] if hard else o.meta["budget"])
         chain = members if hard else [clean, *members]
-        for lo, hi in zip(chain, chain[1:], strict=False):
-            for d in defenses:
-                pair = _aligned(hi, lo, d)
-                if pair is None:
-                    continue
-                compared += 1
-                bad, nums = lower_beyond_noise(pair[1], pair[0])  # smaller budget below larger
-                if bad:
-                    violations.append({"defense": _name(d), "smaller": _title(lo), "larger": _title(hi),
-                                       "accuracy_smaller": round(float(pair[1].mean()), 4),
-                                       "accuracy_larger": round(float(pair[0].mean()), 4), **nums})
+        pairs.extend(zip(chain, chain[1:], strict=False))
+    # a violation: the smaller budget below the larger
+    compared, violations = _compare(pairs, defenses, ("smaller", "larger"))
     return _result("accuracy is non-increasing in the budget (and in model queries)", compared,
                    violations, "an attack at two or more budgets")
 
@@ -173,26 +185,6 @@ def random_noise(outcomes: list[Outcome], clean: Outcome, defenses: list[tuple],
     return _result("random noise of the same norm stays within the clean interval", compared,
                    violations, "a noise set at the headline budget", draws=draws,
                    per_defense=per_defense)
-
-
-def _compare(pairs, defenses: list[tuple], names: tuple[str, str]) -> tuple[int, list[dict]]:
-    """Each (first, second) pair of sets under each defense: how many comparisons were made, and
-    the violations, where the first set's accuracy is below the second's beyond paired noise
-    (each named by ``names``, with both accuracies)."""
-    compared, violations = 0, []
-    for first, second in pairs:
-        for d in defenses:
-            pair = _aligned(first, second, d)
-            if pair is None:
-                continue
-            compared += 1
-            bad, nums = lower_beyond_noise(pair[0], pair[1])
-            if bad:
-                violations.append({"defense": _name(d), names[0]: _title(first),
-                                   names[1]: _title(second),
-                                   f"accuracy_{names[0]}": round(float(pair[0].mean()), 4),
-                                   f"accuracy_{names[1]}": round(float(pair[1].mean()), 4), **nums})
-    return compared, violations
 
 
 def iterative_vs_single(outcomes: list[Outcome], defenses: list[tuple]) -> dict:
